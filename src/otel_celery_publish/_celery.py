@@ -1,0 +1,65 @@
+"""Small, cached facts about the Celery app and its tasks that hooks need on every call."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from celery import current_app
+
+# messaging.system values from the semantic conventions, by kombu transport scheme.
+_SYSTEMS = {
+    "amqp": "rabbitmq",
+    "amqps": "rabbitmq",
+    "pyamqp": "rabbitmq",
+    "librabbitmq": "rabbitmq",
+    "redis": "redis",
+    "rediss": "redis",
+    "sentinel": "redis",
+    "sqs": "aws_sqs",
+    "kafka": "kafka",
+    "gcpubsub": "gcp_pubsub",
+    "azureservicebus": "servicebus",
+}
+
+
+@functools.lru_cache(maxsize=32)
+def messaging_system(broker_url: str | None) -> str:
+    """The semconv ``messaging.system`` for a broker URL (the broker, never ``celery``)."""
+    scheme = (broker_url or "amqp").split("://", 1)[0].split("+", 1)[0].lower()
+    return _SYSTEMS.get(scheme, scheme)
+
+
+def app_system(app: Any) -> str:
+    url = app.conf.broker_url
+    return messaging_system(url if isinstance(url, str) else None)
+
+
+def publishing_app() -> Any:
+    """The app doing the publish. Publish signals do not carry it; Celery's current app does."""
+    return current_app._get_current_object()
+
+
+def task_serializer(app: Any, name: str) -> str:
+    """The serializer the message is encoded with: the task's own, else the app default."""
+    task = app.tasks.get(name) if app.finalized else None
+    serializer = getattr(task, "serializer", None) or app.conf.task_serializer
+    return str(serializer)
+
+
+@functools.lru_cache(maxsize=1024)
+def _arg_names(run: Any) -> tuple[str, ...]:
+    try:
+        params = inspect.signature(run).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in positional)
+
+
+def arg_names(app: Any, name: str) -> tuple[str, ...]:
+    """Positional parameter names of a registered task (to redact sensitive positional args)."""
+    task = app.tasks.get(name) if app.finalized else None
+    run = getattr(task, "run", None)
+    return _arg_names(run) if run is not None else ()

@@ -1,0 +1,213 @@
+"""What a publish captures: the audit row built from ``before_task_publish``'s arguments.
+
+Pure functions only: no I/O, no clock, no globals, so they are tested without a broker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from celery.utils.saferepr import saferepr
+from kombu import serialization
+
+logger = logging.getLogger("otel_celery_publish")
+
+REDACTED = "***"
+# Celery's own protocol-2 headers: everything else in the headers is the user's (or a tracer's).
+CELERY_HEADERS = frozenset(
+    {
+        "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index", "retries",
+        "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin",
+        "ignore_result", "replaced_task_nesting", "stamped_headers", "stamps", "headers",
+    }
+)  # fmt: skip
+_MAX_DEPTH = 8
+
+
+def redact(value: Any, keys: frozenset[str], _depth: int = 0) -> tuple[Any, bool]:
+    """Copy ``value`` with mapping entries whose key is in ``keys`` (case-insensitive) masked.
+
+    Returns the copy and whether anything was masked. Containers are only copied when needed.
+    """
+    if not keys or _depth > _MAX_DEPTH:
+        return value, False
+    if isinstance(value, Mapping):
+        out: dict[Any, Any] = {}
+        hit = False
+        for k, v in value.items():
+            if isinstance(k, str) and k.lower() in keys:
+                out[k], hit = REDACTED, True
+            else:
+                out[k], sub = redact(v, keys, _depth + 1)
+                hit = hit or sub
+        return (out, True) if hit else (value, False)
+    if isinstance(value, (list, tuple)):
+        items = [redact(v, keys, _depth + 1) for v in value]
+        if not any(sub for _, sub in items):
+            return value, False
+        return type(value)(v for v, _ in items) if isinstance(value, tuple) else [
+            v for v, _ in items
+        ], True
+    return value, False
+
+
+def redact_args(
+    args: Sequence[Any], arg_names: Sequence[str], keys: frozenset[str]
+) -> tuple[Sequence[Any], bool]:
+    """Mask positional args whose parameter name is sensitive, then recurse into the rest."""
+    out: list[Any] = []
+    hit = False
+    for i, arg in enumerate(args):
+        if i < len(arg_names) and arg_names[i].lower() in keys:
+            out.append(REDACTED)
+            hit = True
+        else:
+            value, sub = redact(arg, keys)
+            out.append(value)
+            hit = hit or sub
+    return (tuple(out), True) if hit else (args, False)
+
+
+def epoch_to_dt(value: float | None) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromtimestamp(value, dt.timezone.utc)
+
+
+def iso_to_dt(value: Any) -> dt.datetime | None:
+    """Celery's ISO-8601 eta/expires header as an aware datetime (naive means UTC)."""
+    if not value:
+        return None
+    if isinstance(value, dt.datetime):
+        parsed = value
+    else:
+        try:
+            parsed = dt.datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` if it is plain JSON data, else its repr (options must always be storable)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return saferepr(value, 256)
+
+
+def split_body(body: Any) -> tuple[Sequence[Any], Mapping[str, Any], Mapping[str, Any]]:
+    """``(args, kwargs, embed)`` of a protocol-2 tuple body or a protocol-1 dict body."""
+    if isinstance(body, (tuple, list)) and len(body) == 3:
+        return body[0] or (), body[1] or {}, body[2] or {}
+    if isinstance(body, Mapping):
+        return body.get("args") or (), body.get("kwargs") or {}, {}
+    return (), {}, {}
+
+
+def encode_payload(
+    body: Any, serializer: str, max_bytes: int
+) -> tuple[bytes | None, str | None, str | None, str | None]:
+    """Serialize the body as the message will be: ``(data, content_type, encoding, error)``."""
+    try:
+        content_type, encoding, data = serialization.dumps(  # type: ignore[no-untyped-call]
+            body, serializer=serializer
+        )
+    except Exception as exc:
+        # The publish itself will raise the same error to the host; the row keeps the reason.
+        return None, None, None, f"payload not serializable with {serializer!r}: {exc!r}"
+    raw = data.encode(encoding or "utf-8") if isinstance(data, str) else bytes(data)
+    if len(raw) > max_bytes:
+        return (
+            None,
+            content_type,
+            encoding,
+            (f"payload of {len(raw)} bytes exceeds max_payload_bytes={max_bytes}; reprs only"),
+        )
+    return raw, content_type, encoding, None
+
+
+def custom_headers(headers: Mapping[str, Any], exclude: Iterable[str]) -> dict[str, Any]:
+    """The headers the user added (``apply_async(headers=...)``), for a faithful re-send."""
+    skip = CELERY_HEADERS.union(exclude)
+    return {k: jsonable(v) for k, v in headers.items() if k not in skip}
+
+
+def publish_row(
+    *,
+    publish_id: str,
+    task_name: str,
+    body: Any,
+    headers: Mapping[str, Any],
+    properties: Mapping[str, Any],
+    exchange: Any,
+    routing_key: str | None,
+    published_at: float,
+    serializer: str,
+    arg_names: Sequence[str],
+    redact_keys: frozenset[str],
+    redact_payload: bool,
+    repr_maxsize: int,
+    max_payload_bytes: int,
+    exclude_headers: Iterable[str],
+    host: str,
+    pid: int,
+    trace_id: str | None,
+    span_id: str | None,
+) -> dict[str, Any]:
+    """The audit row for one publish attempt, as column -> value."""
+    args, kwargs, embed = split_body(body)
+    safe_args, args_hit = redact_args(args, arg_names, redact_keys)
+    safe_kwargs, kwargs_hit = redact(kwargs, redact_keys)
+    redacted = args_hit or kwargs_hit
+    stored_body = body
+    if redact_payload and redacted:
+        stored_body = (list(safe_args), safe_kwargs, embed)
+    payload, content_type, encoding, error = encode_payload(
+        stored_body, serializer, max_payload_bytes
+    )
+    if error:
+        logger.warning("otel-celery-publish: task %s[%s]: %s", task_name, headers.get("id"), error)
+    timelimit = headers.get("timelimit") or (None, None)
+    options = {
+        "serializer": serializer,
+        "shadow": headers.get("shadow"),
+        "time_limit": timelimit[0],
+        "soft_time_limit": timelimit[1],
+        "ignore_result": headers.get("ignore_result"),
+        "group_index": headers.get("group_index"),
+        "delivery_mode": properties.get("delivery_mode"),
+        "headers": custom_headers(headers, exclude_headers),
+    }
+    return {
+        "publish_id": publish_id,
+        "task_id": str(headers.get("id")),
+        "task_name": task_name,
+        "published_at": epoch_to_dt(published_at),
+        "attempt": headers.get("retries") or 0,
+        "root_id": headers.get("root_id"),
+        "parent_id": headers.get("parent_id"),
+        "group_id": headers.get("group"),
+        "queue": routing_key,
+        "exchange": getattr(exchange, "name", exchange) or "",
+        "routing_key": routing_key,
+        "priority": properties.get("priority"),
+        "eta": iso_to_dt(headers.get("eta")),
+        "expires": iso_to_dt(headers.get("expires")),
+        "payload": payload,
+        "content_type": content_type,
+        "content_encoding": encoding,
+        "payload_redacted": bool(redact_payload and redacted),
+        "options": {k: v for k, v in options.items() if v not in (None, {})},
+        "args_repr": saferepr(safe_args, repr_maxsize),
+        "kwargs_repr": saferepr(safe_kwargs, repr_maxsize),
+        "publisher_host": host,
+        "publisher_pid": pid,
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "error": error,
+    }

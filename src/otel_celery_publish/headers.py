@@ -1,0 +1,60 @@
+"""Pure functions over message headers: what we stamp at publish and read back on the worker."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from opentelemetry import propagate
+
+PUBLISH_ID = "otel_celery_publish_id"
+PUBLISHED_AT = "otel_celery_published_at"
+ETA = "otel_celery_eta"
+# Not a message header: the worker's main process adds it to the request dict it hands to the
+# pool child, which is the only channel from task_received (main) to task_prerun (child).
+RECEIVED_AT = "otel_celery_received_at"
+
+
+def stamp(headers: MutableMapping[str, Any], ours: Mapping[str, Any]) -> None:
+    """Add ``ours`` to ``headers`` at the top level and in the nested ``headers["headers"]``.
+
+    Celery hands custom headers to the task either as request attributes or inside
+    ``request.headers`` depending on version and protocol (celery#4875), so write both, like
+    Sentry and ddtrace do. The nested dict is copied: it may be an object the caller still owns.
+    """
+    headers.update(ours)
+    nested = headers.get("headers")
+    headers["headers"] = {**nested, **ours} if isinstance(nested, Mapping) else dict(ours)
+
+
+def lookup(request: Any, key: str) -> Any:
+    """Read one of our headers from a worker ``task.request`` / ``Context`` or a plain mapping."""
+    if isinstance(request, Mapping):
+        value = request.get(key)
+        nested = request.get("headers")
+    else:
+        value = getattr(request, key, None)
+        nested = getattr(request, "headers", None)
+    if value is None and isinstance(nested, Mapping):
+        value = nested.get(key)
+    return value
+
+
+def carrier(request: Any) -> dict[str, str]:
+    """The propagation fields (traceparent, tracestate, baggage...) found on ``request``."""
+    found: dict[str, str] = {}
+    for field in propagate.get_global_textmap().fields:
+        value = lookup(request, field)
+        if isinstance(value, str):
+            found[field] = value
+    return found
+
+
+def as_float(value: Any) -> float | None:
+    """A header timestamp as epoch seconds, or None when missing or malformed."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

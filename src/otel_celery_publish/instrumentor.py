@@ -1,0 +1,115 @@
+"""CeleryPublishInstrumentor: wires the pieces and connects/disconnects signals, nothing else."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Any
+
+from celery import signals
+from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]
+    BaseInstrumentor,
+)
+
+from otel_celery_publish._guard import guard
+from otel_celery_publish.audit.writer import AuditWriter
+from otel_celery_publish.config import Settings
+from otel_celery_publish.package import _instruments
+from otel_celery_publish.publish import PublishHooks
+from otel_celery_publish.version import __version__
+from otel_celery_publish.worker import WorkerHooks
+
+logger = logging.getLogger("otel_celery_publish")
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.30.0"
+FLUSH_TIMEOUT_S = 5.0
+
+
+def supersede_official() -> None:
+    """Turn off opentelemetry-instrumentation-celery if it is active: same signals, same spans.
+
+    Both would open a producer and a consumer span per task and inject trace context twice.
+    Everything it records, we record too, so ours stays and it goes; said once in the log.
+    """
+    try:
+        # Optional: only present when the user also installed the official instrumentation.
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor  # noqa: PLC0415
+    except ImportError:
+        return
+    official = CeleryInstrumentor()  # type: ignore[no-untyped-call]
+    if official.is_instrumented_by_opentelemetry:
+        official.uninstrument()
+        logger.warning(
+            "otel-celery-publish: opentelemetry-instrumentation-celery was also active; it has "
+            "been uninstrumented to avoid duplicate spans and a second context injection. Set "
+            "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=celery to silence this."
+        )
+
+
+class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Producer span + durable audit row per publish; consumer and queue-wait spans per task.
+
+    ``instrument()`` without arguments reads ``OTEL_CELERY_PUBLISH_*`` like
+    ``opentelemetry-instrument`` does; keyword arguments override the environment:
+    ``tracer_provider``, ``meter_provider``, ``audit_url``, ``durability``, ``use_links``,
+    ``redact_keys`` and every other field of :class:`~otel_celery_publish.config.Settings`.
+    """
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _instruments
+
+    def _instrument(self, **kwargs: Any) -> None:
+        settings = Settings.from_env(**kwargs)
+        self._tracer_provider = kwargs.get("tracer_provider")
+        self._meter_provider = kwargs.get("meter_provider")
+        tracer = trace.get_tracer(
+            "otel_celery_publish", __version__, self._tracer_provider, schema_url=SCHEMA_URL
+        )
+        meter = metrics.get_meter(
+            "otel_celery_publish", __version__, self._meter_provider, schema_url=SCHEMA_URL
+        )
+        self.writer = AuditWriter(settings)
+        publish = PublishHooks(tracer, self.writer, settings)
+        worker = WorkerHooks(tracer, meter, self.writer, settings)
+        self._receivers: list[tuple[Any, Any]] = [
+            (signals.before_task_publish, publish.before_publish),
+            (signals.after_task_publish, publish.after_publish),
+            (signals.task_received, worker.on_received),
+            (signals.task_prerun, worker.on_prerun),
+            (signals.task_failure, worker.on_failure),
+            (signals.task_retry, worker.on_retry),
+            (signals.task_postrun, worker.on_postrun),
+            (signals.task_revoked, worker.on_revoked),
+            (signals.task_rejected, worker.on_rejected),
+            (signals.task_unknown, worker.on_unknown),
+            (signals.worker_init, self._on_worker_start),
+            (signals.worker_process_init, self._on_worker_start),
+            (signals.worker_process_shutdown, self._on_shutdown),
+            (signals.worker_shutdown, self._on_shutdown),
+        ]
+        for signal, receiver in self._receivers:
+            signal.connect(receiver, weak=False)
+        supersede_official()
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        for signal, receiver in self._receivers:
+            signal.disconnect(receiver)
+        self._receivers = []
+        self.writer.close(FLUSH_TIMEOUT_S)
+
+    def _on_worker_start(self, **_: Any) -> None:
+        # The official instrumentor's docs instrument it in worker_process_init, after us.
+        with guard("worker start"):
+            supersede_official()
+
+    def _on_shutdown(self, **_: Any) -> None:
+        """Flush rows and telemetry: pool children leave with os._exit, atexit never runs."""
+        with guard("shutdown flush"):
+            self.writer.flush(FLUSH_TIMEOUT_S)
+            for provider in (
+                self._tracer_provider or trace.get_tracer_provider(),
+                self._meter_provider or metrics.get_meter_provider(),
+            ):
+                force_flush = getattr(provider, "force_flush", None)
+                if force_flush is not None:
+                    force_flush(int(FLUSH_TIMEOUT_S * 1000))

@@ -1,0 +1,1 @@
+_instruments = ("celery >= 5.3, < 6.0",)

@@ -1,0 +1,152 @@
+"""Publish side: ``before_task_publish`` opens the PRODUCER span and writes the audit row;
+``after_task_publish`` ends the span and marks the row sent."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from typing import Any, NamedTuple
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from otel_celery_publish import _celery
+from otel_celery_publish import headers as hdr
+from otel_celery_publish._guard import guard
+from otel_celery_publish._store import BoundedStore
+from otel_celery_publish.audit.record import epoch_to_dt, iso_to_dt, publish_row
+from otel_celery_publish.audit.writer import AuditWriter
+from otel_celery_publish.config import Settings
+
+# A publish whose after_task_publish has not come within this long raised (broker down, bad
+# payload): its span is ended as an error and its row stays visibly not-sent.
+ABANDONED_AFTER_S = 300.0
+MAX_OPEN_PUBLISHES = 10_000
+
+
+class _Open(NamedTuple):
+    span: trace.Span
+    started: float
+    task_id: str
+    task_name: str
+    published_at: float
+
+
+def _end_abandoned(_publish_id: str, state: _Open) -> None:
+    state.span.set_status(Status(StatusCode.ERROR, "publish did not complete"))
+    state.span.set_attribute("error.type", "celery.publish_incomplete")
+    state.span.end()
+
+
+class PublishHooks:
+    """Receivers for the publish signals. Thin: guard, gather, hand off."""
+
+    def __init__(self, tracer: trace.Tracer, writer: AuditWriter, settings: Settings) -> None:
+        self._tracer = tracer
+        self._writer = writer
+        self._settings = settings
+        self._open: BoundedStore[_Open] = BoundedStore(MAX_OPEN_PUBLISHES, _end_abandoned)
+        self._host = socket.gethostname()
+
+    def before_publish(
+        self,
+        *,
+        sender: str | None = None,
+        body: Any = None,
+        exchange: Any = None,
+        routing_key: str | None = None,
+        headers: dict[str, Any] | None = None,
+        properties: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> None:
+        with guard("before_task_publish"):
+            self._before(str(sender), body, exchange, routing_key, headers or {}, properties or {})
+
+    def _before(  # noqa: PLR0917 - one call site, the receiver above
+        self,
+        name: str,
+        body: Any,
+        exchange: Any,
+        routing_key: str | None,
+        msg_headers: dict[str, Any],
+        properties: dict[str, Any],
+    ) -> None:
+        cutoff = time.monotonic() - ABANDONED_AFTER_S
+        for key, stale in self._open.pop_older(lambda s: s.started < cutoff):
+            _end_abandoned(key, stale)
+        now = time.time()
+        task_id = msg_headers.get("id") or (body.get("id") if isinstance(body, dict) else None)
+        app = _celery.publishing_app()
+        eta = iso_to_dt(msg_headers.get("eta"))
+        root_id = msg_headers.get("root_id")
+        attributes: dict[str, Any] = {
+            "messaging.system": _celery.app_system(app),
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "send",
+            "messaging.destination.name": routing_key or "",
+            "messaging.message.id": str(task_id),
+            "celery.task.name": name,
+            "celery.task.retries": msg_headers.get("retries") or 0,
+        }
+        if root_id and root_id != task_id:
+            attributes["messaging.message.conversation_id"] = root_id
+        if eta is not None:
+            attributes["celery.task.eta"] = eta.isoformat()
+            attributes["celery.task.countdown_s"] = max(0.0, eta.timestamp() - now)
+        publish_id = str(uuid.uuid4())
+        attributes["celery.audit.publish_id"] = publish_id
+        span = self._tracer.start_span(
+            f"send {name}", kind=SpanKind.PRODUCER, attributes=attributes
+        )
+        ctx = span.get_span_context()
+
+        ours: dict[str, Any] = {hdr.PUBLISH_ID: publish_id, hdr.PUBLISHED_AT: now}
+        if eta is not None:
+            ours[hdr.ETA] = eta.timestamp()
+        propagate.inject(ours, context=trace.set_span_in_context(span))
+        hdr.stamp(msg_headers, ours)
+
+        row = publish_row(
+            publish_id=publish_id,
+            task_name=name,
+            body=body,
+            headers=msg_headers,
+            properties=properties,
+            exchange=exchange,
+            routing_key=routing_key,
+            published_at=now,
+            serializer=_celery.task_serializer(app, name),
+            arg_names=_celery.arg_names(app, name) if self._settings.redact_keys else (),
+            redact_keys=self._settings.redact_keys,
+            redact_payload=self._settings.redact_payload,
+            repr_maxsize=self._settings.repr_maxsize,
+            max_payload_bytes=self._settings.max_payload_bytes,
+            exclude_headers=ours,
+            host=self._host,
+            pid=os.getpid(),
+            trace_id=trace.format_trace_id(ctx.trace_id) if ctx.is_valid else None,
+            span_id=trace.format_span_id(ctx.span_id) if ctx.is_valid else None,
+        )
+        if row["payload"] is not None and span.is_recording():
+            span.set_attribute("messaging.message.body.size", len(row["payload"]))
+        self._open.put(publish_id, _Open(span, time.monotonic(), row["task_id"], name, now))
+        self._writer.record_publish(row)
+
+    def after_publish(self, *, headers: dict[str, Any] | None = None, **_: Any) -> None:
+        with guard("after_task_publish"):
+            publish_id = headers and headers.get(hdr.PUBLISH_ID)
+            state = self._open.pop(publish_id) if publish_id else None
+            if state is None:
+                return
+            state.span.end()
+            self._writer.record_event(
+                {
+                    "publish_id": publish_id,
+                    "task_id": state.task_id,
+                    "task_name": state.task_name,
+                    "published_at": epoch_to_dt(state.published_at),
+                    "sent_at": epoch_to_dt(time.time()),
+                }
+            )

@@ -1,0 +1,330 @@
+"""Worker side: the CONSUMER process span, the queue-wait spans, lifecycle rows and metrics.
+
+Signals arrive in two processes under prefork: ``task_received``, ``task_revoked``,
+``task_rejected``, ``task_unknown`` and the failure of a killed child in the main process;
+``task_prerun``/``task_failure``/``task_retry``/``task_postrun`` in the pool child. State is keyed
+by task id in bounded stores, so nothing leaks when a closing signal never comes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from billiard.einfo import ExceptionWithTraceback
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from otel_celery_publish import _celery
+from otel_celery_publish import headers as hdr
+from otel_celery_publish._guard import guard
+from otel_celery_publish._store import BoundedStore
+from otel_celery_publish.audit.record import epoch_to_dt
+from otel_celery_publish.audit.writer import AuditWriter, Row
+from otel_celery_publish.config import Settings
+from otel_celery_publish.timing import queue_waits
+
+MAX_TRACKED = 10_000
+# Celery's postrun ``state`` -> the row's outcome.
+OUTCOMES = {
+    "SUCCESS": "succeeded",
+    "FAILURE": "failed",
+    "RETRY": "retried",
+    "REJECTED": "rejected",
+    "IGNORED": "ignored",
+}
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def identity(source: Any) -> Row | None:
+    """The columns every lifecycle upsert carries, read from a request, Context or headers.
+
+    None when the publisher did not stamp the message (it was not instrumented by us).
+    """
+    publish_id = hdr.lookup(source, hdr.PUBLISH_ID)
+    published_at = hdr.as_float(hdr.lookup(source, hdr.PUBLISHED_AT))
+    if not publish_id or published_at is None:
+        return None
+    return {
+        "publish_id": str(publish_id),
+        "task_id": str(hdr.lookup(source, "id")),
+        "task_name": str(hdr.lookup(source, "task")),
+        "published_at": epoch_to_dt(published_at),
+    }
+
+
+def unwrap(exception: Any, einfo: Any) -> BaseException | None:
+    """The task's real exception: billiard >= 4 wraps it in ExceptionWithTraceback."""
+    exc = exception if exception is not None else getattr(einfo, "exception", None)
+    if isinstance(exc, ExceptionWithTraceback):
+        exc = exc.exc
+    return exc if isinstance(exc, BaseException) else None
+
+
+@dataclasses.dataclass
+class _Running:
+    span: trace.Span
+    token: object
+    started: float
+    name: str
+    queue: str
+    row: Row | None
+    exc: BaseException | None = None
+    expected: bool = False
+    retry_reason: str | None = None
+
+
+def _abandon(_task_id: str, run: _Running) -> None:
+    run.span.set_status(Status(StatusCode.ERROR, "task end was never signalled"))
+    run.span.end()
+
+
+class WorkerHooks:
+    """Receivers for the worker signals."""
+
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        meter: metrics.Meter,
+        writer: AuditWriter,
+        settings: Settings,
+    ) -> None:
+        self._tracer = tracer
+        self._writer = writer
+        self._use_links = settings.use_links
+        self._running: BoundedStore[_Running] = BoundedStore(MAX_TRACKED, _abandon)
+        # Main process: identity of received tasks, for outcomes decided there (child killed).
+        self._received: BoundedStore[Row] = BoundedStore(MAX_TRACKED)
+        self._queue_wait = meter.create_histogram(
+            "celery.task.queue_wait.duration",
+            unit="s",
+            description="Time from publish (or ETA) until the task started running.",
+        )
+        self._process_duration = meter.create_histogram(
+            "messaging.process.duration", unit="s", description="Duration of task execution."
+        )
+
+    # -- main process ----------------------------------------------------------------------
+
+    def on_received(self, request: Any = None, **_: Any) -> None:
+        with guard("task_received"):
+            now = time.time()
+            request_dict = request.request_dict
+            # Rides along to the pool child, which builds task.request from this dict.
+            request_dict[hdr.RECEIVED_AT] = now
+            row = identity(request_dict)
+            if row is None:
+                return
+            self._received.put(request.id, row)
+            self._writer.record_event(
+                {**row, "received_at": epoch_to_dt(now), "worker": request.hostname}
+            )
+
+    def on_revoked(
+        self, request: Any = None, terminated: bool = False, signum: Any = None,
+        expired: bool = False, **_: Any,
+    ) -> None:  # fmt: skip
+        with guard("task_revoked"):
+            reason = "expired" if expired else f"terminated ({signum})" if terminated else "revoked"
+            self._finish_elsewhere(request, "revoked", "Revoked", reason)
+
+    def on_rejected(self, message: Any = None, exc: Any = None, **_: Any) -> None:
+        with guard("task_rejected"):
+            reason = repr(exc) if exc is not None else "unknown message"
+            self._finish_elsewhere(message.headers, "rejected", type(exc).__name__, reason)
+
+    def on_unknown(self, message: Any = None, name: str | None = None, **_: Any) -> None:
+        with guard("task_unknown"):
+            reason = f"task {name!r} is not registered in this worker"
+            self._finish_elsewhere(message.headers, "rejected", "NotRegistered", reason)
+
+    def _finish_elsewhere(self, source: Any, outcome: str, exc_type: str, message: str) -> None:
+        """An outcome decided outside a running task: record it and show it as an error span."""
+        task_id = str(hdr.lookup(source, "id"))
+        self._received.pop(task_id)
+        name = str(hdr.lookup(source, "task"))
+        span = self._tracer.start_span(
+            f"process {name}",
+            context=propagate.extract(hdr.carrier(source)),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "messaging.message.id": task_id,
+                "celery.task.name": name,
+                "celery.task.outcome": outcome,
+                "error.type": exc_type,
+            },
+        )
+        span.set_status(Status(StatusCode.ERROR, message))
+        span.end()
+        row = identity(source)
+        if row is not None:
+            self._finish(row, outcome, exc_type, message)
+
+    def _finish(
+        self, row: Row, outcome: str, exc_type: str | None, message: str | None,
+        runtime: float | None = None,
+    ) -> None:  # fmt: skip
+        self._writer.record_event(
+            {
+                **row,
+                "finished_at": epoch_to_dt(time.time()),
+                "outcome": outcome,
+                "runtime_s": runtime,
+                "exception_type": exc_type,
+                "exception_message": message,
+            }
+        )
+
+    # -- pool child (or the only process with solo/threads) -------------------------------
+
+    def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+        with guard("task_prerun"):
+            self._prerun(str(task_id), task)
+
+    def _prerun(self, task_id: str, task: Any) -> None:
+        now = time.time()
+        req = task.request
+        name = task.name
+        queue = (req.delivery_info or {}).get("routing_key") or ""
+        parent = propagate.extract(hdr.carrier(req))
+        attributes: dict[str, Any] = {
+            "messaging.system": _celery.app_system(task.app),
+            "messaging.destination.name": queue,
+            "messaging.message.id": task_id,
+            "celery.task.name": name,
+        }
+        published_at = hdr.as_float(hdr.lookup(req, hdr.PUBLISHED_AT))
+        if published_at is not None:
+            self._wait_spans(parent, req, name, attributes, published_at=published_at, now=now)
+        attributes |= {
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "celery.task.retries": req.retries or 0,
+        }
+        if self._use_links:
+            producer = trace.get_current_span(parent).get_span_context()
+            span = self._tracer.start_span(
+                f"process {name}",
+                context=otel_context.Context(),
+                kind=SpanKind.CONSUMER,
+                attributes=attributes,
+                links=[Link(producer)] if producer.is_valid else None,
+            )
+        else:
+            span = self._tracer.start_span(
+                f"process {name}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+            )
+        token = otel_context.attach(trace.set_span_in_context(span))
+        row = identity(req)
+        self._running.put(task_id, _Running(span, token, time.monotonic(), name, queue, row))
+        if row is not None:
+            self._writer.record_event(
+                {**row, "started_at": epoch_to_dt(now), "worker": req.hostname}
+            )
+
+    def _wait_spans(
+        self, parent: otel_context.Context, req: Any, name: str, attributes: dict[str, Any], *,
+        published_at: float, now: float,
+    ) -> None:  # fmt: skip
+        """Record the queue wait as spans with real start/end times, children of the producer."""
+        waits = queue_waits(
+            published_at,
+            hdr.as_float(hdr.lookup(req, hdr.ETA)),
+            hdr.as_float(hdr.lookup(req, hdr.RECEIVED_AT)),
+            now,
+        )
+        wait_attrs = dict(attributes)
+        if waits.skew_s > 0:
+            wait_attrs["celery.queue_wait.clamped"] = True
+            wait_attrs["celery.queue_wait.clock_skew_s"] = waits.skew_s
+        wait = self._tracer.start_span(
+            f"queue wait {name}", context=parent, start_time=_ns(waits.ready),
+            attributes=wait_attrs,
+        )  # fmt: skip
+        if waits.received is not None:
+            inner = trace.set_span_in_context(wait, parent)
+            for label, start, end in (
+                ("broker wait", waits.ready, waits.received),
+                ("worker wait", waits.received, waits.started),
+            ):
+                part = self._tracer.start_span(
+                    f"{label} {name}", context=inner, start_time=_ns(start), attributes=attributes
+                )
+                part.end(end_time=_ns(end))
+        wait.end(end_time=_ns(waits.started))
+        self._queue_wait.record(waits.total, _metric_attributes(attributes))
+
+    def on_failure(
+        self, sender: Any = None, task_id: str | None = None, exception: Any = None,
+        einfo: Any = None, **_: Any,
+    ) -> None:  # fmt: skip
+        with guard("task_failure"):
+            exc = unwrap(exception, einfo)
+            run = self._running.get(str(task_id))
+            if run is not None:
+                run.exc = exc
+                run.expected = exc is not None and isinstance(exc, getattr(sender, "throws", ()))
+                return
+            # No running span here: this is the main process after the child died (hard time
+            # limit, worker lost). The child's span died with it; record the outcome.
+            row = self._received.pop(str(task_id))
+            if row is not None:
+                self._finish(row, "failed", type(exc).__name__, str(exc))
+
+    def on_retry(self, request: Any = None, reason: Any = None, **_: Any) -> None:
+        with guard("task_retry"):
+            run = self._running.get(str(getattr(request, "id", None)))
+            if run is not None:
+                run.retry_reason = str(reason)
+
+    def on_postrun(self, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
+        with guard("task_postrun"):
+            run = self._running.pop(str(task_id))
+            if run is None:
+                return
+            try:
+                self._end_process(run, str(state))
+            finally:
+                otel_context.detach(run.token)  # type: ignore[arg-type]
+
+    def _end_process(self, run: _Running, state: str) -> None:
+        runtime = time.monotonic() - run.started
+        outcome = OUTCOMES.get(state, state.lower())
+        span = run.span
+        metric_attrs = _metric_attributes({
+            "celery.task.name": run.name, "messaging.destination.name": run.queue,
+        })  # fmt: skip
+        span.set_attribute("celery.task.outcome", outcome)
+        if run.retry_reason is not None:
+            span.set_attribute("celery.retry.reason", run.retry_reason)
+        exc = run.exc
+        if exc is not None:
+            span.record_exception(exc)
+            if not run.expected:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                span.set_attribute("error.type", type(exc).__qualname__)
+                metric_attrs["error.type"] = type(exc).__qualname__
+        span.end()
+        self._process_duration.record(runtime, metric_attrs)
+        if run.row is not None:
+            self._finish(
+                run.row,
+                outcome,
+                type(exc).__qualname__ if exc is not None else None,
+                str(exc) if exc is not None else None,
+                runtime,
+            )
+
+
+def _metric_attributes(attributes: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "celery.task.name": attributes["celery.task.name"],
+        "messaging.destination.name": attributes["messaging.destination.name"],
+    }

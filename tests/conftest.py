@@ -1,0 +1,196 @@
+"""Fixtures: a fresh PostgreSQL database, an OTLP/HTTP receiver, real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+from otel_celery_publish import CeleryPublishInstrumentor, _guard
+from otel_celery_publish.audit.schema import audit_table
+from tests.app import app
+from tests.otlp_receiver import Receiver, serve, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PG_ADMIN = os.environ.get("OCP_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+BROKER = os.environ.get("OCP_BROKER_URL", "redis://127.0.0.1:6379/9")
+
+
+@pytest.fixture(autouse=True)
+def internal_errors() -> Iterator[list[tuple[str, BaseException]]]:
+    """Errors our guard swallowed in this process fail the test (unless the test takes them)."""
+    caught: list[tuple[str, BaseException]] = []
+    _guard.on_internal_error = lambda where, exc: caught.append((where, exc))
+    yield caught
+    _guard.on_internal_error = None
+    unexpected = [c for c in caught if not getattr(c[1], "_ocp_expected", False)]
+    assert not unexpected, f"internal errors swallowed by the guard: {unexpected}"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL database of our own for this test session, dropped at the end."""
+    name = f"ocp_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg(pg_url: str) -> Iterator[Engine]:
+    engine = create_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+def audit_rows(engine: Engine, task_id: str) -> list[dict[str, Any]]:
+    table = audit_table()
+    with engine.connect() as conn:
+        result = conn.execute(
+            table.select().where(table.c.task_id == task_id).order_by(table.c.published_at)
+        )
+        return [dict(r._mapping) for r in result]
+
+
+def wait_row(
+    engine: Engine, task_id: str, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 30
+) -> list[dict[str, Any]]:
+    return wait_for(
+        lambda: (rows := audit_rows(engine, task_id)) and done(rows) and rows,
+        timeout,
+        f"audit rows of {task_id}",
+    )
+
+
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[Receiver]:
+    rec = Receiver()
+    server = serve(rec)
+    rec.endpoint = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    yield rec
+    server.shutdown()
+
+
+@pytest.fixture
+def queue_name(request: pytest.FixtureRequest) -> str:
+    return f"ocp-{request.node.name[:40]}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Publisher:
+    exporter: InMemorySpanExporter
+    instrumentor: CeleryPublishInstrumentor
+
+    def spans(self, name: str) -> list[Any]:
+        return [s for s in self.exporter.get_finished_spans() if s.name == name]
+
+
+@pytest.fixture
+def publisher(pg_url: str) -> Iterator[Publisher]:
+    """This test process as an instrumented publisher writing to the session's PostgreSQL."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumentor = CeleryPublishInstrumentor()
+    instrumentor.instrument(tracer_provider=provider, audit_url=pg_url, flush_interval=0.05)
+    yield Publisher(exporter, instrumentor)
+    instrumentor.uninstrument()
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    nodename: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _ping(nodename: str) -> bool:
+    replies = app.control.ping(destination=[nodename], timeout=0.5)
+    return any(nodename in r for r in replies)
+
+
+@pytest.fixture
+def start_worker(
+    pg_url: str, receiver: Receiver, queue_name: str, tmp_path: Path
+) -> Iterator[Callable[..., Worker]]:
+    """Start ``celery -A tests.app worker`` processes; stopped (warm shutdown) at teardown."""
+    workers: list[Worker] = []
+
+    def start(
+        pool: str = "solo",
+        concurrency: int = 1,
+        auto: bool = False,
+        env: dict[str, str] | None = None,
+        queue: str | None = None,
+    ) -> Worker:
+        nodename = f"ocp-{uuid.uuid4().hex[:8]}@localhost"
+        log = tmp_path / f"{nodename}.log"
+        cmd = [str(BIN / "celery"), "-A", "tests.app", "worker", "-P", pool]
+        cmd += ["-c", str(concurrency), "-Q", queue or queue_name, "-n", nodename, "-l", "INFO"]
+        cmd += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+        if auto:
+            cmd = [str(BIN / "opentelemetry-instrument"), *cmd]
+        full_env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OCP_BROKER_URL": BROKER,
+            "OCP_QUEUE": queue or queue_name,
+            "OCP_SETUP_SDK": "0" if auto else "1",
+            "OTEL_CELERY_PUBLISH_AUDIT_URL": pg_url,
+            "OTEL_CELERY_PUBLISH_FLUSH_INTERVAL": "0.1",
+            "OTEL_SERVICE_NAME": "ocp-test-worker",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,  # type: ignore[attr-defined]
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_LOGS_EXPORTER": "none",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
+            **(env or {}),
+        }
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        worker = Worker(proc, nodename, log)
+        workers.append(worker)
+        try:
+            wait_for(
+                lambda: proc.poll() is not None or _ping(nodename), 60, f"worker {nodename}"
+            )
+        except AssertionError:
+            raise AssertionError(f"worker did not answer ping:\n{worker.output()}") from None
+        assert proc.poll() is None, f"worker exited:\n{worker.output()}"
+        return worker
+
+    yield start
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGTERM)
+        try:
+            worker.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.proc.kill()
+            worker.proc.wait(10)
+    for worker in workers:
+        assert "otel-celery-publish internal error" not in worker.output(), worker.output()
