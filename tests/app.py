@@ -12,9 +12,7 @@ import time
 from celery import Celery
 from celery.exceptions import Ignore
 
-app = Celery(
-    "ocp_tests", broker=os.environ.get("OCP_BROKER_URL", "redis://127.0.0.1:6379/9")
-)
+app = Celery("ocp_tests", broker=os.environ.get("OCP_BROKER_URL", "redis://127.0.0.1:6379/9"))
 app.conf.update(
     task_default_queue=os.environ.get("OCP_QUEUE", "ocp-default"),
     broker_connection_retry_on_startup=True,

@@ -175,9 +175,7 @@ def start_worker(
         worker = Worker(proc, nodename, log)
         workers.append(worker)
         try:
-            wait_for(
-                lambda: proc.poll() is not None or _ping(nodename), 60, f"worker {nodename}"
-            )
+            wait_for(lambda: proc.poll() is not None or _ping(nodename), 60, f"worker {nodename}")
         except AssertionError:
             raise AssertionError(f"worker did not answer ping:\n{worker.output()}") from None
         assert proc.poll() is None, f"worker exited:\n{worker.output()}"

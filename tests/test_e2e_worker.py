@@ -51,7 +51,12 @@ def test_one_trace_holds_producer_queue_wait_and_process(
     spans = trace_spans(
         receiver,
         trace_id,
-        {"queue wait tests.add", "broker wait tests.add", "worker wait tests.add", "process tests.add"},
+        {
+            "queue wait tests.add",
+            "broker wait tests.add",
+            "worker wait tests.add",
+            "process tests.add",
+        },
     )
     wait, process = spans["queue wait tests.add"], spans["process tests.add"]
     assert wait.parent_id == producer_id

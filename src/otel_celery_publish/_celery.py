@@ -41,9 +41,15 @@ def publishing_app() -> Any:
     return current_app._get_current_object()
 
 
+def registered_task(app: Any, name: str) -> Any:
+    """The task object if this process knows it, without finalizing the app as ``app.tasks``
+    would (a task proxy used for apply_async has already registered itself in ``_tasks``)."""
+    return app._tasks.get(name)
+
+
 def task_serializer(app: Any, name: str) -> str:
     """The serializer the message is encoded with: the task's own, else the app default."""
-    task = app.tasks.get(name) if app.finalized else None
+    task = registered_task(app, name)
     serializer = getattr(task, "serializer", None) or app.conf.task_serializer
     return str(serializer)
 
@@ -60,6 +66,5 @@ def _arg_names(run: Any) -> tuple[str, ...]:
 
 def arg_names(app: Any, name: str) -> tuple[str, ...]:
     """Positional parameter names of a registered task (to redact sensitive positional args)."""
-    task = app.tasks.get(name) if app.finalized else None
-    run = getattr(task, "run", None)
+    run = getattr(registered_task(app, name), "run", None)
     return _arg_names(run) if run is not None else ()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection
 from typing import Any
 
@@ -25,25 +26,33 @@ SCHEMA_URL = "https://opentelemetry.io/schemas/1.30.0"
 FLUSH_TIMEOUT_S = 5.0
 
 
-def supersede_official() -> None:
-    """Turn off opentelemetry-instrumentation-celery if it is active: same signals, same spans.
+def supersede_official() -> Any:
+    """Keep opentelemetry-instrumentation-celery off while we are on; return it (or None).
 
-    Both would open a producer and a consumer span per task and inject trace context twice.
-    Everything it records, we record too, so ours stays and it goes; said once in the log.
+    Both connect the same signals: two producer and two consumer spans per task, and a second
+    traceparent injected over ours. Everything it records we record too, so it goes. If it is
+    already active we uninstrument it; either way we set its instrumented flag, which makes its
+    own ``instrument()`` a no-op: that covers ``opentelemetry-instrument`` loading it after us
+    and its documented setup inside ``worker_process_init``.
     """
     try:
         # Optional: only present when the user also installed the official instrumentation.
         from opentelemetry.instrumentation.celery import CeleryInstrumentor  # noqa: PLC0415
     except ImportError:
-        return
+        return None
     official = CeleryInstrumentor()  # type: ignore[no-untyped-call]
-    if official.is_instrumented_by_opentelemetry:
+    was_active = official.is_instrumented_by_opentelemetry
+    if was_active:
         official.uninstrument()
+    official._is_instrumented_by_opentelemetry = True
+    disabled = os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "")
+    if was_active or "celery" not in {name.strip() for name in disabled.split(",")}:
         logger.warning(
-            "otel-celery-publish: opentelemetry-instrumentation-celery was also active; it has "
-            "been uninstrumented to avoid duplicate spans and a second context injection. Set "
-            "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=celery to silence this."
+            "otel-celery-publish: opentelemetry-instrumentation-celery is installed; it is kept "
+            "off while otel-celery-publish is on (no duplicate spans, one context injection). "
+            "Set OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=celery to silence this."
         )
+    return official
 
 
 class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -82,25 +91,20 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             (signals.task_revoked, worker.on_revoked),
             (signals.task_rejected, worker.on_rejected),
             (signals.task_unknown, worker.on_unknown),
-            (signals.worker_init, self._on_worker_start),
-            (signals.worker_process_init, self._on_worker_start),
             (signals.worker_process_shutdown, self._on_shutdown),
             (signals.worker_shutdown, self._on_shutdown),
         ]
         for signal, receiver in self._receivers:
             signal.connect(receiver, weak=False)
-        supersede_official()
+        self._official = supersede_official()
 
     def _uninstrument(self, **kwargs: Any) -> None:
         for signal, receiver in self._receivers:
             signal.disconnect(receiver)
         self._receivers = []
         self.writer.close(FLUSH_TIMEOUT_S)
-
-    def _on_worker_start(self, **_: Any) -> None:
-        # The official instrumentor's docs instrument it in worker_process_init, after us.
-        with guard("worker start"):
-            supersede_official()
+        if self._official is not None:
+            self._official._is_instrumented_by_opentelemetry = False
 
     def _on_shutdown(self, **_: Any) -> None:
         """Flush rows and telemetry: pool children leave with os._exit, atexit never runs."""
