@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections import namedtuple
 from collections.abc import Iterator
@@ -108,7 +109,11 @@ def test_queue_waits(
 
 def test_redact_masks_nested_keys_case_insensitively() -> None:
     """redact() masks matching keys at any depth in dicts, lists and tuples, keeping types."""
-    value = {"user": "bob", "Password": "pw", "items": [({"TOKEN": "t", "n": 1},), 2]}
+    value: dict[str, Any] = {
+        "user": "bob",
+        "Password": "pw",
+        "items": [({"TOKEN": "t", "n": 1},), 2],
+    }
     out, hit = record.redact(value, KEYS)
     assert hit is True
     assert out == {"user": "bob", "Password": "***", "items": [({"TOKEN": "***", "n": 1},), 2]}
@@ -125,15 +130,9 @@ def test_redact_returns_same_object_when_nothing_matches() -> None:
     assert hit is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="record.redact rebuilds tuples with type(value)(generator): namedtuples need "
-    "positional fields, so a namedtuple holding a sensitive key raises TypeError",
-)
 def test_redact_namedtuple() -> None:
-    """redact() masks a sensitive key inside a namedtuple argument."""
-    pair = namedtuple("pair", "a b")  # noqa: PYI024
+    """redact() masks a sensitive key inside a namedtuple argument (returned as a tuple)."""
+    pair = namedtuple("pair", "a b")
     out, hit = record.redact(pair({"password": "pw"}, 2), KEYS)
     assert hit is True
     assert out == ({"password": "***"}, 2)
@@ -454,7 +453,12 @@ def test_events_for_one_id_merge_in_one_batch(
     """Two queued events for one publish_id are merged into a single row of a single batch."""
     batches: list[list[dict[str, Any]]] = []
     ship = slow_writer._ship
-    monkeypatch.setattr(slow_writer, "_ship", lambda rows: (batches.append(rows), ship(rows)))
+
+    def spy(rows: list[dict[str, Any]]) -> None:
+        batches.append(rows)
+        ship(rows)
+
+    monkeypatch.setattr(slow_writer, "_ship", spy)
     slow_writer.record_event(_event(received_at=_at(1)))
     slow_writer.record_event(_event(started_at=_at(2), worker="w1"))
     assert slow_writer.flush() is True
@@ -540,3 +544,29 @@ def test_guard_reports_again_after_repeat_window(
     with _guard.guard("a"):
         raise _expected(ValueError("2"))
     assert len(_logged(caplog)) == 2
+
+
+def test_redact_masks_containers_deeper_than_it_reads() -> None:
+    """A secret nested past the depth limit is masked with its container, never passed through."""
+    value: Any = {"password": "pw"}
+    for _ in range(12):
+        value = {"level": value}
+    out, hit = record.redact(value, KEYS)
+    assert hit is True
+    assert "pw" not in repr(out)
+
+
+def test_redacted_protocol1_payload_keeps_its_shape() -> None:
+    """With redact_payload, a protocol-1 dict body stays a dict with its other fields."""
+    body = {"id": "t1", "task": "x", "args": ["pw"], "kwargs": {"token": "t"}, "eta": None}
+    stored, _ = record.redact(body["kwargs"], KEYS)
+    assert stored == {"token": "***"}
+    row = record.publish_row(
+        publish_id="p", task_name="x", body=body, headers={"id": "t1"}, properties={},
+        exchange="", routing_key="q", published_at=0.0, serializer="json",
+        arg_names=("password",), redact_keys=KEYS, redact_payload=True, repr_maxsize=100,
+        max_payload_bytes=10_000, exclude_headers=(), host="h", pid=1, trace_id=None, span_id=None,
+    )  # fmt: skip
+    decoded = json.loads(row["payload"])
+    assert decoded["id"] == "t1"
+    assert (decoded["args"], decoded["kwargs"]) == (["***"], {"token": "***"})

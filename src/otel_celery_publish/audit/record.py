@@ -27,18 +27,29 @@ CELERY_HEADERS = frozenset(
 _MAX_DEPTH = 8
 
 
-def redact(value: Any, keys: frozenset[str], _depth: int = 0) -> tuple[Any, bool]:
-    """Copy ``value`` with mapping entries whose key is in ``keys`` (case-insensitive) masked.
+def is_sensitive(name: str, keys: frozenset[str]) -> bool:
+    """True when any configured key occurs in ``name``, case-insensitively ("token" masks
+    "card_token"): redacting a little too much beats leaking a secret under a longer name."""
+    lowered = name.lower()
+    return any(key in lowered for key in keys)
 
-    Returns the copy and whether anything was masked. Containers are only copied when needed.
+
+def redact(value: Any, keys: frozenset[str], _depth: int = 0) -> tuple[Any, bool]:
+    """Copy ``value`` with mapping entries whose key is sensitive (:func:`is_sensitive`) masked.
+
+    Returns the copy and whether anything was masked. Containers are only copied when needed;
+    a tuple (namedtuples included) comes back as a plain tuple. Containers nested deeper than we
+    look are masked whole rather than passed through unread.
     """
-    if not keys or _depth > _MAX_DEPTH:
+    if not keys:
         return value, False
+    if _depth > _MAX_DEPTH:
+        return (REDACTED, True) if isinstance(value, (Mapping, list, tuple)) else (value, False)
     if isinstance(value, Mapping):
         out: dict[Any, Any] = {}
         hit = False
         for k, v in value.items():
-            if isinstance(k, str) and k.lower() in keys:
+            if isinstance(k, str) and is_sensitive(k, keys):
                 out[k], hit = REDACTED, True
             else:
                 out[k], sub = redact(v, keys, _depth + 1)
@@ -48,9 +59,8 @@ def redact(value: Any, keys: frozenset[str], _depth: int = 0) -> tuple[Any, bool
         items = [redact(v, keys, _depth + 1) for v in value]
         if not any(sub for _, sub in items):
             return value, False
-        return type(value)(v for v, _ in items) if isinstance(value, tuple) else [
-            v for v, _ in items
-        ], True
+        copied = [v for v, _ in items]
+        return (tuple(copied) if isinstance(value, tuple) else copied), True
     return value, False
 
 
@@ -61,7 +71,7 @@ def redact_args(
     out: list[Any] = []
     hit = False
     for i, arg in enumerate(args):
-        if i < len(arg_names) and arg_names[i].lower() in keys:
+        if i < len(arg_names) and is_sensitive(arg_names[i], keys):
             out.append(REDACTED)
             hit = True
         else:
@@ -166,7 +176,11 @@ def publish_row(
     redacted = args_hit or kwargs_hit
     stored_body = body
     if redact_payload and redacted:
-        stored_body = (list(safe_args), safe_kwargs, embed)
+        stored_body = (
+            {**body, "args": list(safe_args), "kwargs": safe_kwargs}
+            if isinstance(body, Mapping)
+            else (list(safe_args), safe_kwargs, embed)
+        )
     payload, content_type, encoding, error = encode_payload(
         stored_body, serializer, max_payload_bytes
     )
