@@ -192,6 +192,7 @@ def test_encode_payload_over_max_bytes_drops_data() -> None:
 def _row(**overrides: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "publish_id": "p1",
+        "task_id": "t1",
         "task_name": "tests.login",
         "body": (["bob", "pw"], {"token": "t", "n": 1}, {}),
         "headers": {"id": "t1", "task": "tests.login", "retries": 0},
@@ -562,7 +563,7 @@ def test_redacted_protocol1_payload_keeps_its_shape() -> None:
     stored, _ = record.redact(body["kwargs"], KEYS)
     assert stored == {"token": "***"}
     row = record.publish_row(
-        publish_id="p", task_name="x", body=body, headers={"id": "t1"}, properties={},
+        publish_id="p", task_id="t1", task_name="x", body=body, headers={"id": "t1"}, properties={},
         exchange="", routing_key="q", published_at=0.0, serializer="json",
         arg_names=("password",), redact_keys=KEYS, redact_payload=True, repr_maxsize=100,
         max_payload_bytes=10_000, exclude_headers=(), host="h", pid=1, trace_id=None, span_id=None,

@@ -77,7 +77,8 @@ class PublishHooks:
         for key, stale in self._open.pop_older(lambda s: s.started < cutoff):
             _end_abandoned(key, stale)
         now = time.time()
-        task_id = msg_headers.get("id") or (body.get("id") if isinstance(body, dict) else None)
+        # Protocol 1 carries the id in the body (and has no headers for the worker to read).
+        task_id = str(msg_headers.get("id") or (body.get("id") if isinstance(body, dict) else ""))
         app = _celery.publishing_app()
         eta = iso_to_dt(msg_headers.get("eta"))
         root_id = msg_headers.get("root_id")
@@ -86,7 +87,7 @@ class PublishHooks:
             "messaging.operation.type": "send",
             "messaging.operation.name": "send",
             "messaging.destination.name": routing_key or "",
-            "messaging.message.id": str(task_id),
+            "messaging.message.id": task_id,
             "celery.task.name": name,
             "celery.task.retries": msg_headers.get("retries") or 0,
         }
@@ -110,6 +111,7 @@ class PublishHooks:
 
         row = publish_row(
             publish_id=publish_id,
+            task_id=task_id,
             task_name=name,
             body=body,
             headers=msg_headers,
@@ -131,7 +133,7 @@ class PublishHooks:
         )
         if row["payload"] is not None and span.is_recording():
             span.set_attribute("messaging.message.body.size", len(row["payload"]))
-        self._open.put(publish_id, _Open(span, time.monotonic(), row["task_id"], name, now))
+        self._open.put(publish_id, _Open(span, time.monotonic(), task_id, name, now))
         self._writer.record_publish(row)
 
     def after_publish(self, *, headers: dict[str, Any] | None = None, **_: Any) -> None:

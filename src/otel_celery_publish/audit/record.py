@@ -150,6 +150,7 @@ def custom_headers(headers: Mapping[str, Any], exclude: Iterable[str]) -> dict[s
 def publish_row(
     *,
     publish_id: str,
+    task_id: str,
     task_name: str,
     body: Any,
     headers: Mapping[str, Any],
@@ -199,7 +200,7 @@ def publish_row(
     }
     return {
         "publish_id": publish_id,
-        "task_id": str(headers.get("id")),
+        "task_id": task_id,
         "task_name": task_name,
         "published_at": epoch_to_dt(published_at),
         "attempt": headers.get("retries") or 0,
