@@ -198,3 +198,16 @@ def test_metrics_reach_the_collector(
     assert names
     assert format_trace_id(0) and format_span_id(0)  # keep helpers imported for readers
     assert audit_rows(pg, task_id)
+
+
+def test_hard_time_limit_kills_the_child_and_the_row_says_failed(
+    publisher: Any, start_worker: Any, receiver: Receiver, pg: Any, queue_name: str
+) -> None:
+    """A hard time limit kills the pool child; the main process records the failure."""
+    start_worker(pool="prefork", concurrency=1)
+    task_id = sleep.apply_async((30,), queue=queue_name, time_limit=1).id
+    [row] = wait_row(pg, task_id, lambda rows: rows[0]["outcome"] == "failed")
+    assert row["exception_type"] == "TimeLimitExceeded"
+    assert row["started_at"] is not None
+    nxt = add_task.apply_async((2, 2), queue=queue_name).id
+    wait_row(pg, nxt, lambda rows: rows[0]["outcome"] == "succeeded")
