@@ -12,10 +12,8 @@ SDK ``TracerProvider`` and ``BatchSpanProcessor`` into an exporter that drops th
 creation, attributes, context injection and the processor's queue cost what they cost in
 production, without export I/O.
 
-The task is published through ``apply_async`` of a registered task rather than ``send_task`` by
-name: for a task name this process has not registered, opentelemetry-instrumentation-celery opens
-and activates a span in ``before_task_publish`` that ``after_task_publish`` never ends, so the
-``otel-official`` mode would leak spans and attached contexts and not be a fair baseline.
+The task is registered in this process and published with ``apply_async``, as application code
+usually does, so every instrumentation resolves the task object rather than only its name.
 
 Modes (all publish the same message to the same broker):
 
@@ -54,18 +52,24 @@ Reading the output:
 * ``p50 rounds`` is the lowest and highest per-round median: if these ranges of two modes
   overlap, the noise on this machine is as big as the difference between them.
 * ``plugin-sync-pg p50 / floor-raw-pg p50`` says how close the plugin gets to the cheapest
-  possible synchronous commit; the closer to 1.0, the less the plugin's own code costs.
+  possible synchronous commit; the closer to 1.0, the less the plugin's own code costs. The floor
+  makes no span, so about ``otel-official``'s ``+p50`` of that gap is the span, the rest is the
+  plugin's row building and database path. ``plugin-sync-pg / naive-sqlalchemy-pg`` compares it
+  with the hand-rolled ORM insert it replaces.
 * The correctness section counts rows in every audit table against the publishes made (measured
   plus warm-up), waits (with a deadline) for the plugin's batched "sent" updates, counts exported
   spans, internal errors the plugin swallowed, and audit connections left open on PostgreSQL.
+  The exit status is 1 when any of those counts is off, so the numbers are never read alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
+import logging
 import math
 import platform
 import random
@@ -77,7 +81,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +176,9 @@ class Mode:
     """One way of publishing; ``enter``/``exit`` switch it on and off around each block."""
 
     name = "bare"
+    # before_task_publish receivers expected while the mode is on: catches a mode that is
+    # silently not active, or another mode's receiver left connected.
+    receivers = 0
 
     def __init__(self) -> None:
         self.publishes = 0  # every publish made while this mode was on, warm-ups included
@@ -182,22 +189,32 @@ class Mode:
     def exit(self) -> None:
         return None
 
+    def close(self) -> None:
+        return None
+
 
 class OfficialMode(Mode):
     name = "otel-official"
+    receivers = 1
 
     def __init__(self, tracer_provider: TracerProvider) -> None:
         super().__init__()
         self._tracer_provider = tracer_provider
 
     def enter(self) -> None:
-        CeleryInstrumentor().instrument(tracer_provider=self._tracer_provider)
+        official = CeleryInstrumentor()  # type: ignore[no-untyped-call]
+        if official.is_instrumented_by_opentelemetry:
+            # instrument() would be a silent no-op and this mode would measure bare Celery.
+            raise RuntimeError("CeleryInstrumentor is already flagged as instrumented")
+        official.instrument(tracer_provider=self._tracer_provider)
 
     def exit(self) -> None:
-        CeleryInstrumentor().uninstrument()
+        CeleryInstrumentor().uninstrument()  # type: ignore[no-untyped-call]
 
 
 class PluginMode(Mode):
+    receivers = 1
+
     def __init__(
         self, name: str, audit_url: str, tracer_provider: TracerProvider, flush_interval: float
     ) -> None:
@@ -230,6 +247,8 @@ class PluginMode(Mode):
 class SignalMode(Mode):
     """A mode that is a ``before_task_publish`` receiver, connected only while the mode is on."""
 
+    receivers = 1
+
     def on_publish(
         self, sender: str | None = None, headers: dict[str, Any] | None = None, **_: Any
     ) -> None:
@@ -247,9 +266,7 @@ class NaiveSQLAlchemyMode(SignalMode):
 
     def __init__(self, sqlalchemy_url: str) -> None:
         super().__init__()
-        self.engine = create_engine(
-            sqlalchemy_url, connect_args={"application_name": APP_NAME}, pool_pre_ping=False
-        )
+        self.engine = create_engine(sqlalchemy_url, connect_args={"application_name": APP_NAME})
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine)
 
@@ -348,6 +365,12 @@ def run_rounds(
         for mode in order:
             mode.enter()
             try:
+                connected = len(signals.before_task_publish.receivers)
+                if connected != mode.receivers:
+                    raise RuntimeError(
+                        f"{mode.name}: {connected} before_task_publish receivers connected, "
+                        f"expected {mode.receivers}"
+                    )
                 for _ in range(args.warmup):
                     publish()
                 mode.publishes += args.warmup
@@ -425,7 +448,7 @@ def print_table(stats: dict[str, dict[str, Any]]) -> None:
 
 def pg_counts(conn: psycopg.Connection[Any], table: str, extra: str = "") -> int:
     where = f" WHERE {extra}" if extra else ""
-    row = conn.execute(f"SELECT count(*) FROM {table}{where}").fetchone()  # noqa: S608
+    row = conn.execute(f"SELECT count(*) FROM {table}{where}").fetchone()
     return int(row[0]) if row else 0
 
 
@@ -463,7 +486,7 @@ def check_plugin_pg(
 
 def check_sqlite(path: Path, expected: int) -> dict[str, Any]:
     with sqlite3.connect(path) as db:
-        rows = db.execute(f"SELECT count(*), count(sent_at) FROM {PLUGIN_TABLE}").fetchone()  # noqa: S608
+        rows = db.execute(f"SELECT count(*), count(sent_at) FROM {PLUGIN_TABLE}").fetchone()
     return {
         "publishes": expected,
         "audit_rows": rows[0],
@@ -478,6 +501,99 @@ def other_connections(conn: psycopg.Connection[Any], dbname: str) -> int:
         (dbname, APP_NAME),
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+def collect_correctness(
+    modes: Sequence[Mode],
+    exporter: DroppingExporter,
+    conninfo: str,
+    dbname: str,
+    sqlite_path: Path,
+    internal_errors: list[str],
+    rounds: int,
+) -> dict[str, Any]:
+    """Everything that must hold for the latency numbers to mean anything."""
+    by_name = {mode.name: mode for mode in modes}
+    plugin_modes = [m for m in modes if isinstance(m, PluginMode)]
+    out: dict[str, Any] = {}
+    with psycopg.connect(conninfo, autocommit=True, application_name=APP_NAME) as conn:
+        if "plugin-sync-pg" in by_name:
+            out["plugin-sync-pg"] = check_plugin_pg(
+                conn, by_name["plugin-sync-pg"].publishes, deadline_s=15.0
+            )
+        if "plugin-sync-sqlite" in by_name:
+            out["plugin-sync-sqlite"] = check_sqlite(
+                sqlite_path, by_name["plugin-sync-sqlite"].publishes
+            )
+        for name, table in (
+            ("naive-sqlalchemy-pg", "naive_audit"),
+            ("floor-raw-pg", "floor_audit"),
+        ):
+            if name in by_name:
+                rows = pg_counts(conn, table)
+                publishes = by_name[name].publishes
+                out[name] = {
+                    "publishes": publishes,
+                    "audit_rows": rows,
+                    "complete": rows == publishes,
+                }
+        official = by_name.get("otel-official")
+        expected = {
+            f"send {TASK_NAME}": sum(m.publishes for m in plugin_modes),
+            f"apply_async/{TASK_NAME}": official.publishes if official is not None else 0,
+        }
+        exported = dict(exporter.names)
+        out["spans"] = {
+            "exported": exported,
+            "expected": expected,
+            "complete": all(exported.get(k, 0) == v for k, v in expected.items()),
+        }
+        out["plugin_instrument_cycles"] = rounds * len(plugin_modes)
+        out["plugin_flush_failures"] = sum(m.flush_failures for m in plugin_modes)
+        out["plugin_threads_left_after_uninstrument"] = sum(
+            m.threads_left_running for m in plugin_modes
+        )
+        out["plugin_internal_error_count"] = len(internal_errors)
+        out["plugin_internal_errors"] = internal_errors[:20]
+        out["pg_connections_left_by_plugin"] = other_connections(conn, dbname)
+    return out
+
+
+def build_report(
+    args: argparse.Namespace,
+    seed: int,
+    stats: dict[str, dict[str, Any]],
+    correctness: dict[str, Any],
+    wall_s: float,
+) -> dict[str, Any]:
+    return {
+        "config": {
+            "n": args.n,
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "seed": seed,
+            "gc_disabled_in_timed_loops": args.disable_gc,
+            "flush_interval": args.flush_interval,
+            "broker": args.broker,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "celery": celery.__version__,
+            "sqlalchemy": sqlalchemy.__version__,
+            "psycopg": psycopg.__version__,
+            "otel_celery_publish": otel_celery_publish.__version__,
+        },
+        "modes": stats,
+        "ratios": {
+            f"{a}/{b} p50": ratio(stats, a, b)
+            for a, b in (
+                ("plugin-sync-pg", "floor-raw-pg"),
+                ("plugin-sync-pg", "naive-sqlalchemy-pg"),
+                ("naive-sqlalchemy-pg", "floor-raw-pg"),
+            )
+        },
+        "correctness": correctness,
+        "wall_s": wall_s,
+    }
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -512,6 +628,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@dataclass
+class Environment:
+    """Everything the run needs, created by :func:`environment` and torn down by it."""
+
+    dbname: str
+    conninfo: str
+    pg_url: str
+    sqlite_path: Path
+    queue_name: str
+    publish: Callable[[], Any]
+    drop_queue: Callable[[], None]
+    exporter: DroppingExporter
+    tracer_provider: TracerProvider
+
+
 def build_app(broker: str) -> tuple[Celery, Any]:
     app = Celery("publish_latency_bench", broker=broker, set_as_current=True)
     app.conf.update(
@@ -520,175 +651,147 @@ def build_app(broker: str) -> tuple[Celery, Any]:
         task_serializer="json",
     )
 
-    @app.task(name=TASK_NAME)
+    @app.task(name=TASK_NAME)  # type: ignore[untyped-decorator]
     def noop(x: int, y: int) -> None:
         return None
 
     return app, noop
 
 
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one linear script
+@contextlib.contextmanager
+def environment(args: argparse.Namespace) -> Iterator[Environment]:
+    """Celery app, Redis queue, tracer provider, a fresh PostgreSQL database and a temp dir."""
+    pg = f"host={args.pg_host} port={args.pg_port} user={args.pg_user}"
+    admin_conninfo = f"{pg} dbname={args.pg_admin_db}"
+    dbname = f"bench_{uuid.uuid4().hex[:12]}"
+    pg_hostport = f"{args.pg_host}:{args.pg_port}"
+    queue_name = f"bench.publish_latency.{uuid.uuid4().hex[:12]}"
+    app, noop = build_app(args.broker)
+    redis_client = redis.Redis.from_url(args.broker)
+    tracer_provider = TracerProvider()
+    exporter = DroppingExporter()
+    tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+
+    def publish() -> Any:
+        return noop.apply_async(args=(1, 2), queue=queue_name)
+
+    def drop_queue() -> None:
+        redis_client.delete(queue_name)
+
+    with (
+        tempfile.TemporaryDirectory(prefix="publish_latency_") as tmpdir,
+        psycopg.connect(admin_conninfo, autocommit=True, application_name=APP_NAME) as admin,
+    ):
+        admin.execute(f'CREATE DATABASE "{dbname}"')
+        try:
+            yield Environment(
+                dbname=dbname,
+                conninfo=f"{pg} dbname={dbname}",
+                pg_url=f"postgresql+psycopg://{args.pg_user}@{pg_hostport}/{dbname}",
+                sqlite_path=Path(tmpdir) / "audit.db",
+                queue_name=queue_name,
+                publish=publish,
+                drop_queue=drop_queue,
+                exporter=exporter,
+                tracer_provider=tracer_provider,
+            )
+        finally:
+            official = CeleryInstrumentor()  # type: ignore[no-untyped-call]
+            for instrumentor in (CeleryPublishInstrumentor(), official):
+                if instrumentor.is_instrumented_by_opentelemetry:
+                    instrumentor.uninstrument()
+            # The queue list plus kombu's binding key(s) for it; the name is unique to this run.
+            leftovers = list(redis_client.scan_iter(match=f"*{queue_name}*"))
+            if leftovers:
+                redis_client.delete(*leftovers)
+            redis_client.close()
+            tracer_provider.shutdown()
+            app.close()
+            admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+def make_modes(
+    env: Environment, args: argparse.Namespace, stack: contextlib.ExitStack
+) -> list[Mode]:
+    """The selected modes, in MODE_NAMES order; their connections close with ``stack``."""
+    factories: dict[str, Callable[[], Mode]] = {
+        "bare": Mode,
+        "otel-official": lambda: OfficialMode(env.tracer_provider),
+        "plugin-sync-pg": lambda: PluginMode(
+            "plugin-sync-pg", env.pg_url, env.tracer_provider, args.flush_interval
+        ),
+        "plugin-sync-sqlite": lambda: PluginMode(
+            "plugin-sync-sqlite",
+            f"sqlite:///{env.sqlite_path}",
+            env.tracer_provider,
+            args.flush_interval,
+        ),
+        "naive-sqlalchemy-pg": lambda: NaiveSQLAlchemyMode(env.pg_url),
+        "floor-raw-pg": lambda: FloorMode(env.conninfo),
+    }
+    modes = []
+    for name in MODE_NAMES:
+        if name in args.modes:
+            mode = factories[name]()
+            stack.callback(mode.close)
+            modes.append(mode)
+    return modes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
-    rng = random.Random(seed)
     wall_start = time.monotonic()
-
+    # The plugin warns on every instrument() that the official instrumentation is installed and
+    # kept off; this script toggles it every round, so keep that one notice out of the output.
+    logging.getLogger("otel_celery_publish").addFilter(
+        lambda record: "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS" not in record.getMessage()
+    )
+    # Errors the plugin swallows would make its numbers meaningless: collect them (private hook).
     internal_errors: list[str] = []
     guard = getattr(otel_celery_publish, "_guard", None)
     if guard is not None and hasattr(guard, "on_internal_error"):
         guard.on_internal_error = lambda where, exc: internal_errors.append(f"{where}: {exc!r}")
 
-    admin_conninfo = (
-        f"host={args.pg_host} port={args.pg_port} user={args.pg_user} dbname={args.pg_admin_db}"
-    )
-    dbname = f"bench_{uuid.uuid4().hex[:12]}"
-    conninfo = f"host={args.pg_host} port={args.pg_port} user={args.pg_user} dbname={dbname}"
-    pg_url = f"postgresql+psycopg://{args.pg_user}@{args.pg_host}:{args.pg_port}/{dbname}"
-    queue_name = f"bench.publish_latency.{uuid.uuid4().hex[:12]}"
-
-    app, noop = build_app(args.broker)
-    redis_client = redis.Redis.from_url(args.broker)
-
-    def drop_queue() -> None:
-        redis_client.delete(queue_name)
-
-    def publish() -> Any:
-        return noop.apply_async(args=(1, 2), queue=queue_name)
-
-    exporter = DroppingExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
-    tmpdir = tempfile.TemporaryDirectory(prefix="publish_latency_")
-    sqlite_path = Path(tmpdir.name) / "audit.db"
-
-    with psycopg.connect(admin_conninfo, autocommit=True, application_name=APP_NAME) as admin:
-        admin.execute(f'CREATE DATABASE "{dbname}"')
-    naive: NaiveSQLAlchemyMode | None = None
-    floor: FloorMode | None = None
-    try:
-        naive = NaiveSQLAlchemyMode(pg_url)
-        floor = FloorMode(conninfo)
-        plugin_pg = PluginMode("plugin-sync-pg", pg_url, tracer_provider, args.flush_interval)
-        plugin_sqlite = PluginMode(
-            "plugin-sync-sqlite", f"sqlite:///{sqlite_path}", tracer_provider, args.flush_interval
-        )
-        all_modes: dict[str, Mode] = {
-            "bare": Mode(),
-            "otel-official": OfficialMode(tracer_provider),
-            "plugin-sync-pg": plugin_pg,
-            "plugin-sync-sqlite": plugin_sqlite,
-            "naive-sqlalchemy-pg": naive,
-            "floor-raw-pg": floor,
-        }
-        modes = [all_modes[name] for name in MODE_NAMES if name in args.modes]
-
-        # Connect the producer pool to Redis before anything is measured.
-        for _ in range(max(args.warmup, 50)):
-            publish()
-        drop_queue()
-
+    with environment(args) as env, contextlib.ExitStack() as stack:
+        modes = make_modes(env, args, stack)
+        for _ in range(max(args.warmup, 50)):  # connect the producer pool before measuring
+            env.publish()
+        env.drop_queue()
         print(
             f"publish_latency: n={args.n} rounds={args.rounds} warmup={args.warmup} seed={seed} "
-            f"gc={'off' if args.disable_gc else 'on'} in timed loops; modes={len(modes)}",
+            f"gc={'off' if args.disable_gc else 'on'} in timed loops; "
+            f"modes={','.join(m.name for m in modes)}",
             file=sys.stderr,
             flush=True,
         )
-        results = run_rounds(modes, publish, drop_queue, args, rng)
+        results = run_rounds(modes, env.publish, env.drop_queue, args, random.Random(seed))
         stats = summarize({m.name: results[m.name] for m in modes})
+        env.tracer_provider.force_flush(10_000)
+        correctness = collect_correctness(
+            modes,
+            env.exporter,
+            env.conninfo,
+            env.dbname,
+            env.sqlite_path,
+            internal_errors,
+            args.rounds,
+        )
+    wall = time.monotonic() - wall_start
 
-        # -- correctness
-        tracer_provider.force_flush(10_000)
-        correctness: dict[str, Any] = {}
-        with psycopg.connect(conninfo, autocommit=True, application_name=APP_NAME) as check:
-            if plugin_pg in modes:
-                correctness["plugin-sync-pg"] = check_plugin_pg(
-                    check, plugin_pg.publishes, deadline_s=15.0
-                )
-            for mode, table in ((naive, "naive_audit"), (floor, "floor_audit")):
-                if mode in modes:
-                    rows = pg_counts(check, table)
-                    correctness[mode.name] = {
-                        "publishes": mode.publishes,
-                        "audit_rows": rows,
-                        "complete": rows == mode.publishes,
-                    }
-            if plugin_sqlite in modes:
-                correctness["plugin-sync-sqlite"] = check_sqlite(
-                    sqlite_path, plugin_sqlite.publishes
-                )
-            plugin_modes = [m for m in (plugin_pg, plugin_sqlite) if m in modes]
-            official = all_modes["otel-official"]
-            correctness["spans_exported"] = dict(exporter.names)
-            correctness["spans_expected"] = {
-                f"send {TASK_NAME}": sum(m.publishes for m in plugin_modes),
-                f"apply_async/{TASK_NAME}": official.publishes if official in modes else 0,
-            }
-            correctness["plugin_flush_failures"] = sum(m.flush_failures for m in plugin_modes)
-            correctness["plugin_threads_left_after_uninstrument"] = sum(
-                m.threads_left_running for m in plugin_modes
-            )
-            correctness["plugin_internal_errors"] = internal_errors[:20]
-            correctness["plugin_internal_error_count"] = len(internal_errors)
-            correctness["plugin_instrument_cycles"] = args.rounds if plugin_modes else 0
-            correctness["pg_connections_left_by_plugin"] = other_connections(check, dbname)
-
-        print()
-        print_table(stats)
-        print()
-        print("correctness (publishes include warm-ups):")
-        for key, value in correctness.items():
-            print(f"  {key}: {value}")
-        wall = time.monotonic() - wall_start
-        print(f"\nwall time {wall:.1f}s")
-
-        if args.json is not None:
-            report = {
-                "config": {
-                    "n": args.n,
-                    "rounds": args.rounds,
-                    "warmup": args.warmup,
-                    "seed": seed,
-                    "gc_disabled_in_timed_loops": args.disable_gc,
-                    "flush_interval": args.flush_interval,
-                    "broker": args.broker,
-                    "python": sys.version.split()[0],
-                    "platform": platform.platform(),
-                    "celery": celery.__version__,
-                    "sqlalchemy": sqlalchemy.__version__,
-                    "psycopg": psycopg.__version__,
-                    "otel_celery_publish": otel_celery_publish.__version__,
-                },
-                "modes": stats,
-                "ratios": {
-                    "plugin-sync-pg/floor-raw-pg p50": ratio(
-                        stats, "plugin-sync-pg", "floor-raw-pg"
-                    ),
-                    "plugin-sync-pg/naive-sqlalchemy-pg p50": ratio(
-                        stats, "plugin-sync-pg", "naive-sqlalchemy-pg"
-                    ),
-                },
-                "correctness": correctness,
-                "wall_s": wall,
-            }
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
-            print(f"wrote {args.json}")
-        ok = all(v.get("complete", True) for v in correctness.values() if isinstance(v, dict))
-        return 0 if ok and not internal_errors else 1
-    finally:
-        CeleryInstrumentor().uninstrument()
-        CeleryPublishInstrumentor().uninstrument()
-        drop_queue()
-        redis_client.delete(f"_kombu.binding.{queue_name}")
-        redis_client.close()
-        if naive is not None:
-            naive.close()
-        if floor is not None:
-            floor.close()
-        tracer_provider.shutdown()
-        app.close()
-        with psycopg.connect(admin_conninfo, autocommit=True, application_name=APP_NAME) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        tmpdir.cleanup()
+    print()
+    print_table(stats)
+    print()
+    print("correctness (publishes include warm-ups):")
+    for key, value in correctness.items():
+        print(f"  {key}: {value}")
+    print(f"\nwall time {wall:.1f}s")
+    if args.json is not None:
+        report = build_report(args, seed, stats, correctness, wall)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    ok = all(v.get("complete", True) for v in correctness.values() if isinstance(v, dict))
+    return 0 if ok and not internal_errors and not correctness["plugin_flush_failures"] else 1
 
 
 if __name__ == "__main__":

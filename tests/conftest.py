@@ -74,11 +74,14 @@ def audit_rows(engine: Engine, task_id: str) -> list[dict[str, Any]]:
 def wait_row(
     engine: Engine, task_id: str, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 30
 ) -> list[dict[str, Any]]:
-    return wait_for(
-        lambda: (rows := audit_rows(engine, task_id)) and done(rows) and rows,
-        timeout,
-        f"audit rows of {task_id}",
-    )
+    try:
+        return wait_for(
+            lambda: (rows := audit_rows(engine, task_id)) and done(rows) and rows,
+            timeout,
+            f"audit rows of {task_id}",
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen: {audit_rows(engine, task_id)}") from None
 
 
 @pytest.fixture(scope="session")

@@ -92,7 +92,9 @@ def test_unregistered_task_name(
     """send_task to a name no worker knows: published, then rejected as NotRegistered."""
     start_worker()
     task_id = app.send_task("tests.does_not_exist", args=(1,), queue=queue_name).id
-    [row] = wait_row(pg, task_id, lambda rows: rows[0]["outcome"] == "rejected")
+    [row] = wait_row(
+        pg, task_id, lambda rows: rows[0]["outcome"] == "rejected" and rows[0]["sent_at"]
+    )
     assert row["exception_type"] == "NotRegistered"
     assert row["sent_at"] is not None and row["started_at"] is None
     spans = trace_spans(receiver, row["trace_id"], {"process tests.does_not_exist"})

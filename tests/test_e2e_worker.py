@@ -38,7 +38,10 @@ def test_one_trace_holds_producer_queue_wait_and_process(
     start_worker(pool=pool, concurrency=2 if pool == "prefork" else 1)
     task_id = add.apply_async((2, 3), queue=queue_name).id
 
-    [row] = wait_row(pg, task_id, lambda rows: rows[0]["outcome"] == "succeeded")
+    # "sent" comes from the publisher's batch, "finished" from the worker's: either may be last.
+    [row] = wait_row(
+        pg, task_id, lambda rows: rows[0]["outcome"] == "succeeded" and rows[0]["sent_at"]
+    )
     producer = producer_span(publisher, task_id)
     trace_id = format_trace_id(producer.context.trace_id)
     producer_id = format_span_id(producer.context.span_id)

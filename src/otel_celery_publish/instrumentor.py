@@ -24,6 +24,7 @@ from otel_celery_publish.worker import WorkerHooks
 logger = logging.getLogger("otel_celery_publish")
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.30.0"
 FLUSH_TIMEOUT_S = 5.0
+_said_official = False
 
 
 def supersede_official() -> Any:
@@ -45,8 +46,12 @@ def supersede_official() -> Any:
     if was_active:
         official.uninstrument()
     official._is_instrumented_by_opentelemetry = True
+    global _said_official  # noqa: PLW0603 - once per process, however often we are toggled
     disabled = os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "")
-    if was_active or "celery" not in {name.strip() for name in disabled.split(",")}:
+    if not _said_official and (
+        was_active or "celery" not in {name.strip() for name in disabled.split(",")}
+    ):
+        _said_official = True
         logger.warning(
             "otel-celery-publish: opentelemetry-instrumentation-celery is installed; it is kept "
             "off while otel-celery-publish is on (no duplicate spans, one context injection). "

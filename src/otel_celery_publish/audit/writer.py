@@ -54,9 +54,13 @@ class _Flush:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for the audit database with bounded connect time (and WAL on SQLite)."""
+    """An autocommit engine for the audit database, bounded connect time, WAL on SQLite.
+
+    Autocommit: every write is one idempotent upsert statement, so an explicit transaction
+    would only add BEGIN and COMMIT round trips to the publish path (~0.2 ms on loopback).
+    """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 5})
+        engine = create_engine(url, connect_args={"timeout": 5}, isolation_level="AUTOCOMMIT")
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -67,7 +71,9 @@ def make_engine(url: str) -> Engine:
 
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+        return create_engine(
+            url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}, isolation_level="AUTOCOMMIT"
+        )
     scheme = url.split(":", 1)[0]
     raise ValueError(f"unsupported audit database {scheme!r}: use postgresql or sqlite")
 
@@ -84,7 +90,7 @@ def upsert(table: Table, dialect: str, columns: Iterable[str]) -> Insert:
 def ensure_schema(engine: Engine, table: Table) -> None:
     """Create the table and its indexes if missing; tolerate another process racing us."""
     try:
-        with engine.begin() as conn:
+        with engine.connect() as conn:
             table.create(conn, checkfirst=True)
     except DBAPIError:
         if not inspect(engine).has_table(table.name):
@@ -172,12 +178,12 @@ class AuditWriter:
             return self._engine
 
     def _ship(self, rows: list[Row]) -> None:
-        """Upsert ``rows`` in one transaction, one executemany per distinct column set."""
+        """Upsert ``rows``, one executemany per distinct column set (autocommit, idempotent)."""
         engine = self.engine()
         groups: dict[tuple[str, ...], list[Row]] = {}
         for row in rows:
             groups.setdefault(tuple(sorted(row)), []).append(row)
-        with suppress_instrumentation(), engine.begin() as conn:
+        with suppress_instrumentation(), engine.connect() as conn:
             for columns, group in groups.items():
                 stmt = self._statements.get(columns)
                 if stmt is None:
