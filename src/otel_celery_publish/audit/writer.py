@@ -156,8 +156,14 @@ class AuditWriter:
         return self._signal(_Flush(), timeout)
 
     def close(self, timeout: float | None = 10.0) -> bool:
-        """Flush, stop the thread; later events start a new one."""
-        return self._signal(_Flush(stop=True), timeout)
+        """Flush, stop the thread and close connections; later writes start afresh."""
+        flushed = self._signal(_Flush(stop=True), timeout)
+        with self._lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+                self._statements.clear()
+        return flushed
 
     def _signal(self, msg: _Flush, timeout: float | None) -> bool:
         if self._thread is None or not self._thread.is_alive():
