@@ -72,31 +72,3 @@ def audit_table(name: str = "celery_publish_audit", meta: MetaData = metadata) -
         Index(f"ix_{name}_task_id", "task_id"),
     )
 
-
-PUBLISH_COLUMNS = (
-    "task_id",
-    "task_name",
-    "published_at",
-    "attempt",
-    "root_id",
-    "parent_id",
-    "group_id",
-    "queue",
-    "exchange",
-    "routing_key",
-    "priority",
-    "eta",
-    "expires",
-    "payload",
-    "content_type",
-    "content_encoding",
-    "payload_redacted",
-    "options",
-    "args_repr",
-    "kwargs_repr",
-    "publisher_host",
-    "publisher_pid",
-    "trace_id",
-    "span_id",
-    "error",
-)
