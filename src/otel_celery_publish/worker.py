@@ -298,9 +298,7 @@ class WorkerHooks:
         runtime = time.monotonic() - run.started
         outcome = OUTCOMES.get(state, state.lower())
         span = run.span
-        metric_attrs = _metric_attributes({
-            "celery.task.name": run.name, "messaging.destination.name": run.queue,
-        })  # fmt: skip
+        metric_attrs = {"celery.task.name": run.name, "messaging.destination.name": run.queue}
         span.set_attribute("celery.task.outcome", outcome)
         if run.retry_reason is not None:
             span.set_attribute("celery.retry.reason", run.retry_reason)

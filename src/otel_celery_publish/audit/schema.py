@@ -71,4 +71,3 @@ def audit_table(name: str = "celery_publish_audit", meta: MetaData = metadata) -
         Index(f"ix_{name}_published_at", "published_at"),
         Index(f"ix_{name}_task_id", "task_id"),
     )
-
