@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -63,7 +65,7 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
-@app.task(name="demo.charge", throws=())
+@app.task(name="demo.charge")
 def charge(customer: str, card_token: str) -> None:
     raise RuntimeError(f"card declined for {customer}")
 
@@ -114,8 +116,6 @@ def _load_spans() -> list[dict[str, Any]]:
 
 
 def _ts(value: str) -> float:
-    from datetime import datetime  # noqa: PLC0415
-
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
@@ -162,8 +162,6 @@ def _seconds(a: Any, b: Any) -> str:
 
 
 def main() -> int:
-    import shutil  # noqa: PLC0415
-
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     (DEMO_DIR / "broker").mkdir(parents=True)
     (DEMO_DIR / "processed").mkdir()
