@@ -306,9 +306,10 @@ def test_from_env_kwargs_override_env() -> None:
 
 
 def test_from_env_rejects_unknown_durability() -> None:
-    """from_env() raises ValueError for a durability other than 'sync'."""
+    """from_env() raises ValueError for a durability other than sync/spool/async."""
     with pytest.raises(ValueError, match="DURABILITY"):
-        Settings.from_env({"OTEL_CELERY_PUBLISH_DURABILITY": "async"})
+        Settings.from_env({"OTEL_CELERY_PUBLISH_DURABILITY": "fast"})
+    assert Settings.from_env({"OTEL_CELERY_PUBLISH_DURABILITY": "spool"}).durability == "spool"
 
 
 # -- store, celery, worker -----------------------------------------------------------------

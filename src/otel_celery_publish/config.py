@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any, Literal
 
-Durability = Literal["sync"]
-DURABILITIES: tuple[str, ...] = ("sync",)
+Durability = Literal["sync", "spool", "async"]
+DURABILITIES: tuple[str, ...] = ("sync", "spool", "async")
 
 ENV_PREFIX = "OTEL_CELERY_PUBLISH_"
 DEFAULT_REDACT_KEYS = frozenset(
     {"password", "passwd", "secret", "token", "api_key", "apikey", "authorization", "credit_card"}
 )
+
+
+def default_spool_dir() -> str:
+    """``$XDG_STATE_HOME/otel-celery-publish/spool`` (``~/.local/state/...``), else the temp dir.
+
+    Per user and persistent across reboots: a spool exists to outlive a crash.
+    """
+    home = os.path.expanduser("~")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    if os.path.isabs(state) and os.access(home, os.W_OK):
+        return os.path.join(state, "otel-celery-publish", "spool")
+    return os.path.join(tempfile.gettempdir(), f"otel-celery-publish-{os.getuid()}", "spool")
 
 
 def _bool(value: str) -> bool:
@@ -40,6 +53,11 @@ class Settings:
     max_pending: int = 100_000
     repr_maxsize: int = 4096
     max_payload_bytes: int = 1_048_576
+    spool_dir: str = dataclasses.field(default_factory=default_spool_dir)
+    spool_fsync: bool = False
+    spool_max_bytes: int = 1_073_741_824
+    db_timeout: float = 2.0
+    trace_url: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -62,7 +80,7 @@ class Settings:
 
 
 def _convert(name: str, raw: Any) -> Any:
-    default = getattr(Settings, name)
+    default = getattr(Settings, name, "")  # "" for fields with a default factory
     if not isinstance(raw, str):
         return _keys(raw) if isinstance(default, frozenset) else raw
     if isinstance(default, bool):

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 
 PUBLISH_ID = "otel_celery_publish_id"
 PUBLISHED_AT = "otel_celery_published_at"
 ETA = "otel_celery_eta"
+# Set by ``audit replay`` on the re-sent message: the original attempt's publish_id, and its
+# ``{trace_id}-{span_id}`` (hex) so the new producer span links to the original trace.
+REPLAY_OF = "otel_celery_publish_replay_of"
+REPLAY_LINK = "otel_celery_publish_replay_link"
 # Not a message header: the worker's main process adds it to the request dict it hands to the
 # pool child, which is the only channel from task_received (main) to task_prerun (child).
 RECEIVED_AT = "otel_celery_received_at"
@@ -58,3 +62,16 @@ def as_float(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def replay_links(headers: Mapping[str, Any]) -> list[trace.Link]:
+    """A span link to the original attempt's producer span, when this publish is a replay."""
+    value = lookup(headers, REPLAY_LINK)
+    trace_id, _, span_id = str(value or "").partition("-")
+    try:
+        context = trace.SpanContext(
+            int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=trace.TraceFlags(1)
+        )
+    except ValueError:
+        return []
+    return [trace.Link(context, {"celery.audit.link": "replay_of"})] if context.is_valid else []

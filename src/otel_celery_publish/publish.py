@@ -98,8 +98,14 @@ class PublishHooks:
             attributes["celery.task.countdown_s"] = max(0.0, eta.timestamp() - now)
         publish_id = str(uuid.uuid4())
         attributes["celery.audit.publish_id"] = publish_id
+        replay_of = hdr.lookup(msg_headers, hdr.REPLAY_OF)
+        if replay_of:
+            attributes["celery.audit.replay_of"] = str(replay_of)
         span = self._tracer.start_span(
-            f"send {name}", kind=SpanKind.PRODUCER, attributes=attributes
+            f"send {name}",
+            kind=SpanKind.PRODUCER,
+            attributes=attributes,
+            links=hdr.replay_links(msg_headers),
         )
         ctx = span.get_span_context()
 
@@ -125,11 +131,12 @@ class PublishHooks:
             redact_payload=self._settings.redact_payload,
             repr_maxsize=self._settings.repr_maxsize,
             max_payload_bytes=self._settings.max_payload_bytes,
-            exclude_headers=ours,
+            exclude_headers=(*ours, hdr.REPLAY_OF, hdr.REPLAY_LINK),
             host=self._host,
             pid=os.getpid(),
             trace_id=trace.format_trace_id(ctx.trace_id) if ctx.is_valid else None,
             span_id=trace.format_span_id(ctx.span_id) if ctx.is_valid else None,
+            replay_of=str(replay_of) if replay_of else None,
         )
         if row["payload"] is not None and span.is_recording():
             span.set_attribute("messaging.message.body.size", len(row["payload"]))

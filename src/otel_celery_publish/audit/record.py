@@ -169,6 +169,7 @@ def publish_row(
     pid: int,
     trace_id: str | None,
     span_id: str | None,
+    replay_of: str | None = None,
 ) -> dict[str, Any]:
     """The audit row for one publish attempt, as column -> value."""
     args, kwargs, embed = split_body(body)
@@ -225,4 +226,5 @@ def publish_row(
         "trace_id": trace_id,
         "span_id": span_id,
         "error": error,
+        "replay_of": replay_of,
     }

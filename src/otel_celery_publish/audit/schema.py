@@ -58,6 +58,8 @@ def audit_table(name: str = "celery_publish_audit", meta: MetaData = metadata) -
         Column("trace_id", String(32)),
         Column("span_id", String(16)),
         Column("error", Text),
+        # A replay is a new row pointing at the attempt it re-sent.
+        Column("replay_of", String(36)),
         # Lifecycle, written through the batched path.
         Column("sent_at", ts),
         Column("received_at", ts),
