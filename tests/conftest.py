@@ -41,6 +41,15 @@ def internal_errors() -> Iterator[list[tuple[str, BaseException]]]:
     assert not unexpected, f"internal errors swallowed by the guard: {unexpected}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def spool_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every writer of this session, workers included, spools under a directory of its own."""
+    path = tmp_path_factory.mktemp("spool")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OTEL_CELERY_PUBLISH_SPOOL_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A PostgreSQL database of our own for this test session, dropped at the end."""

@@ -400,7 +400,10 @@ def db_url(tmp_path: Path) -> str:
 
 
 def _writer(db_url: str, flush_interval: float = 0.05) -> Iterator[AuditWriter]:
-    writer = AuditWriter(Settings(audit_url=db_url, flush_interval=flush_interval))
+    spool = db_url.removeprefix("sqlite:///") + ".spool"
+    writer = AuditWriter(
+        Settings(audit_url=db_url, flush_interval=flush_interval, spool_dir=spool)
+    )
     yield writer
     assert writer.close()
     writer.engine().dispose()
@@ -454,19 +457,19 @@ def test_events_for_one_id_merge_in_one_batch(
 ) -> None:
     """Two queued events for one publish_id are merged into a single row of a single batch."""
     batches: list[list[dict[str, Any]]] = []
-    ship = slow_writer._ship
+    ship = slow_writer.db.upsert
 
     def spy(rows: list[dict[str, Any]]) -> None:
         batches.append(rows)
         ship(rows)
 
-    monkeypatch.setattr(slow_writer, "_ship", spy)
+    monkeypatch.setattr(slow_writer.db, "upsert", spy)
     slow_writer.record_event(_event(received_at=_at(1)))
     slow_writer.record_event(_event(started_at=_at(2), worker="w1"))
     assert slow_writer.flush() is True
     assert len(batches) == 1
     assert len(batches[0]) == 1
-    assert batches[0][0]["received_at"] == _at(1)
+    assert batches[0][0]["received_at"] == _at(1)  # merged before the batch, not by upsert()
     assert batches[0][0]["started_at"] == _at(2)
     [stored] = _rows(db_url, slow_writer)
     assert stored["received_at"] is not None

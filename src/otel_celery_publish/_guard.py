@@ -35,8 +35,12 @@ def guard(where: str) -> Iterator[None]:
         report(where, exc)
 
 
-def report(where: str, exc: BaseException) -> None:
-    """Log and capture ``exc`` once per (where, type) per :data:`REPEAT_AFTER_S`."""
+def report(where: str, exc: BaseException, message: str | None = None) -> None:
+    """Log and capture ``exc`` once per (where, type) per :data:`REPEAT_AFTER_S`.
+
+    Without ``message`` it is our bug (logged as an internal error, with the traceback); with
+    one it is a condition the operator must know about, e.g. the audit database being down.
+    """
     if on_internal_error is not None:
         on_internal_error(where, exc)
     key = (where, type(exc))
@@ -45,11 +49,14 @@ def report(where: str, exc: BaseException) -> None:
     if last is not None and now - last < REPEAT_AFTER_S:
         return
     _last_report[key] = now
-    logger.error(
-        "otel-celery-publish internal error in %s (publish and task continue): %r",
-        where,
-        exc,
-        exc_info=exc,
-    )
+    if message is None:
+        logger.error(
+            "otel-celery-publish internal error in %s (publish and task continue): %r",
+            where,
+            exc,
+            exc_info=exc,
+        )
+    else:
+        logger.warning("otel-celery-publish: %s (publish and task continue)", message)
     if sentry_sdk.get_client().is_active():
         sentry_sdk.capture_exception(exc)

@@ -82,7 +82,7 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         meter = metrics.get_meter(
             "otel_celery_publish", __version__, self._meter_provider, schema_url=SCHEMA_URL
         )
-        self.writer = AuditWriter(settings)
+        self.writer = AuditWriter(settings, meter)
         publish = PublishHooks(tracer, self.writer, settings)
         worker = WorkerHooks(tracer, meter, self.writer, settings)
         self._receivers: list[tuple[Any, Any]] = [

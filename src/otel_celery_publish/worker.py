@@ -290,14 +290,21 @@ class WorkerHooks:
             if run is None:
                 return
             try:
-                self._end_process(run, str(state))
+                self._end_process(run, state)
             finally:
                 otel_context.detach(run.token)  # type: ignore[arg-type]
 
-    def _end_process(self, run: _Running, state: str) -> None:
+    def _end_process(self, run: _Running, state: str | None) -> None:
         runtime = time.monotonic() - run.started
-        outcome = OUTCOMES.get(state, state.lower())
         span = run.span
+        if state is None:
+            # The run was interrupted (revoke with terminate, SystemExit): Celery sends postrun
+            # without a state. The worker's main process records the outcome; the row is its.
+            span.set_status(Status(StatusCode.ERROR, "task interrupted"))
+            span.set_attribute("error.type", "celery.task.interrupted")
+            span.end()
+            return
+        outcome = OUTCOMES.get(state, state.lower())
         metric_attrs = {"celery.task.name": run.name, "messaging.destination.name": run.queue}
         span.set_attribute("celery.task.outcome", outcome)
         if run.retry_reason is not None:

@@ -1,20 +1,32 @@
 """Getting audit records into the database without slowing the host down.
 
-One :class:`AuditWriter` per process. Two paths:
+One :class:`AuditWriter` per process. Two entry points:
 
-* :meth:`AuditWriter.record_publish` - the publish row, made durable according to the durability
-  mode before the message goes to the broker (``sync``: committed now).
-* :meth:`AuditWriter.record_event` - everything else (sent, received, started, finished): queued
-  in memory and shipped in batches by a background thread, off the publish and task hot paths.
+* :meth:`AuditWriter.record_publish` - the publish row, made durable before the message goes to
+  the broker, as the durability mode promises:
+
+  - ``sync``: committed in the audit database (one prepared single-row upsert on a warm raw
+    connection); if the database fails, the row goes to the spool instead, loudly;
+  - ``spool``: appended to this process's local spool file and handed to the OS;
+  - ``async``: queued in memory (may lose the last moments on a crash).
+
+* :meth:`AuditWriter.record_event` - everything else (sent, received, started, finished): to the
+  spool in ``spool`` mode, else to the in-memory queue.
+
+One background thread per process ships the queue and the spool in batches. When the database is
+down, what was queued in memory moves to the spool, so memory stays bounded and nothing is lost
+with the process; the spool ships when the database is back, and a dead process's spool is
+shipped by the next process that starts on the same spool directory (see :mod:`.spool`).
 
 Every write is an upsert keyed by ``publish_id`` that sets only the columns it carries, so writes
-commute (a worker update may land before the publish row it updates, e.g. after a database
-outage) and shipping a record twice stores it once.
+commute (a worker update may land before the publish row it updates) and shipping a record twice
+stores it once.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import queue
@@ -25,6 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry import metrics
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import Engine, Table, create_engine, event, inspect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -34,16 +47,19 @@ from sqlalchemy.sql.dml import Insert
 
 from otel_celery_publish._guard import report
 from otel_celery_publish.audit.schema import audit_table
+from otel_celery_publish.audit.spool import Spool, adopt_orphans, target_dir
 from otel_celery_publish.config import Settings
 
 logger = logging.getLogger("otel_celery_publish")
 
 Row = dict[str, Any]
 # After a failed synchronous write, publishes skip the database for this long and go straight to
-# the batch queue, so a dead database costs one timeout, not one per publish.
+# the spool, so a dead database costs one timeout, not one per publish.
 BREAKER_OPEN_S = 5.0
 RETRY_BACKOFF_MAX_S = 30.0
-CONNECT_TIMEOUT_S = 2
+# A fully shipped segment is deleted once it is this large (less re-shipping after a crash).
+ROTATE_AT_BYTES = 4 << 20
+ADOPT_EVERY_S = 60.0
 
 
 @dataclass
@@ -53,14 +69,30 @@ class _Flush:
     stop: bool = False
 
 
-def make_engine(url: str) -> Engine:
-    """An autocommit engine for the audit database, bounded connect time, WAL on SQLite.
+@dataclass(frozen=True)
+class _Prepared:
+    """A single-row upsert rendered once for the raw driver, with SQLAlchemy's bind processors."""
+
+    sql: str
+    positions: tuple[str, ...] | None  # parameter order for positional drivers (sqlite3)
+    processors: dict[str, Callable[[Any], Any]]
+
+    def params(self, row: Row) -> Any:
+        values = {k: (p(v) if (p := self.processors.get(k)) else v) for k, v in row.items()}
+        return values if self.positions is None else tuple(values[k] for k in self.positions)
+
+
+def make_engine(url: str, timeout: float = 2.0) -> Engine:
+    """An autocommit engine for the audit database, bounded waits, WAL on SQLite.
 
     Autocommit: every write is one idempotent upsert statement, so an explicit transaction
     would only add BEGIN and COMMIT round trips to the publish path (~0.2 ms on loopback).
+    ``timeout`` bounds connecting and unacknowledged sends (PostgreSQL) or lock waits (SQLite).
     """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 5}, isolation_level="AUTOCOMMIT")
+        engine = create_engine(
+            url, connect_args={"timeout": timeout}, isolation_level="AUTOCOMMIT"
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -71,9 +103,11 @@ def make_engine(url: str) -> Engine:
 
         return engine
     if url.startswith("postgresql"):
-        return create_engine(
-            url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}, isolation_level="AUTOCOMMIT"
-        )
+        connect_args = {
+            "connect_timeout": max(2, round(timeout)),  # libpq: whole seconds, 2 at least
+            "tcp_user_timeout": int(timeout * 1000),
+        }
+        return create_engine(url, connect_args=connect_args, isolation_level="AUTOCOMMIT")
     scheme = url.split(":", 1)[0]
     raise ValueError(f"unsupported audit database {scheme!r}: use postgresql or sqlite")
 
@@ -97,20 +131,145 @@ def ensure_schema(engine: Engine, table: Table) -> None:
             raise
 
 
+class Database:
+    """The audit database: a pooled engine for batches, one warm raw connection for sync rows."""
+
+    def __init__(self, settings: Settings, table: Table) -> None:
+        self.settings = settings
+        self.table = table
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._engine: Engine | None = None
+        self._statements: dict[tuple[str, ...], Insert] = {}
+        self._fairy: Any = None  # the pool's wrapper of _raw
+        self._raw: Any = None  # the DBAPI connection (psycopg or sqlite3) for sync rows
+        self._dialect = ""
+        self._prepared: dict[tuple[str, ...], _Prepared] = {}
+
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._engine is None:
+                engine = make_engine(self.settings.audit_url, self.settings.db_timeout)
+                if self.settings.create_schema:
+                    with suppress_instrumentation():
+                        ensure_schema(engine, self.table)
+                self._engine = engine
+            return self._engine
+
+    def insert_now(self, row: Row) -> None:
+        """Commit one row through the raw driver: a prepared upsert, no ORM, no transaction."""
+        columns = tuple(row)
+        with self._sync_lock, suppress_instrumentation():
+            try:
+                if self._raw is None:
+                    self._raw = self._connect_sync()
+                prepared = self._prepared.get(columns) or self._prepare(columns)
+                if self._dialect == "postgresql":
+                    self._raw.execute(prepared.sql, prepared.params(row), prepare=True).close()
+                else:
+                    self._raw.execute(prepared.sql, prepared.params(row)).close()
+            except BaseException:
+                self._drop_sync()
+                raise
+
+    def upsert(self, rows: list[Row]) -> None:
+        """Upsert ``rows`` (merged per publish_id), one executemany per distinct column set."""
+        merged: dict[str, Row] = {}
+        for row in rows:
+            merged.setdefault(row["publish_id"], {}).update(row)
+        groups: dict[tuple[str, ...], list[Row]] = {}
+        for row in merged.values():
+            groups.setdefault(tuple(sorted(row)), []).append(row)
+        engine = self.engine()
+        with suppress_instrumentation(), engine.connect() as conn:
+            for columns, group in groups.items():
+                stmt = self._statements.get(columns)
+                if stmt is None:
+                    stmt = self._statements[columns] = upsert(
+                        self.table, engine.dialect.name, columns
+                    )
+                conn.execute(stmt, group)
+
+    def dispose(self, *, close: bool = True) -> None:
+        """Drop connections; ``close=False`` after fork (the sockets are the parent's)."""
+        with self._lock, self._sync_lock:
+            if close:
+                self._drop_sync()
+            self._fairy = self._raw = None
+            if self._engine is not None:
+                self._engine.dispose(close=close)
+                self._engine = None
+            self._statements.clear()
+            self._prepared.clear()
+
+    def _connect_sync(self) -> Any:
+        engine = self.engine()
+        self._fairy = engine.raw_connection()
+        self._dialect = engine.dialect.name
+        raw = self._fairy.driver_connection
+        if self._dialect == "postgresql":
+            # Bound a hung server too, not just a dead one (connect/tcp timeouts cover that).
+            ms = str(int(self.settings.db_timeout * 1000))
+            raw.execute("SELECT set_config('statement_timeout', %s, false)", (ms,)).close()
+        return raw
+
+    def _prepare(self, columns: tuple[str, ...]) -> _Prepared:
+        dialect = self.engine().dialect
+        compiled = upsert(self.table, dialect.name, columns).compile(
+            dialect=dialect, column_keys=list(columns)
+        )
+        processors: dict[str, Callable[[Any], Any]] = {}
+        for name in columns:
+            impl = self.table.c[name].type.dialect_impl(dialect)
+            processor = impl.bind_processor(dialect)
+            if processor is not None:
+                processors[name] = processor
+        positions = tuple(compiled.positiontup) if compiled.positiontup else None
+        prepared = self._prepared[columns] = _Prepared(compiled.string, positions, processors)
+        return prepared
+
+    def _drop_sync(self) -> None:
+        fairy, self._fairy, self._raw = self._fairy, None, None
+        if fairy is not None:
+            with contextlib.suppress(Exception):  # already failing; that error is reported
+                fairy.invalidate()
+
+
 class AuditWriter:
     """Per-process audit writer. Safe to share between threads; re-arms itself after fork."""
 
-    def __init__(self, settings: Settings) -> None:
+    db: Database
+    _spool: Spool
+
+    def __init__(self, settings: Settings, meter: metrics.Meter | None = None) -> None:
         self.settings = settings
         self.table = audit_table(settings.table_name)
+        self.spool_dir = target_dir(settings.spool_dir, settings.audit_url, settings.table_name)
         self._lock = threading.Lock()
-        self._reset()
+        meter = meter or metrics.get_meter("otel_celery_publish")
+        self._fallbacks = meter.create_counter(
+            "celery.audit.fallback",
+            unit="{record}",
+            description="Publish rows the sync path could not commit and spooled instead",
+        )
+        self._dropped = meter.create_counter(
+            "celery.audit.dropped",
+            unit="{record}",
+            description="Audit records lost: spool full or unwritable and memory queue full",
+        )
+        meter.create_observable_gauge(
+            "celery.audit.spool.backlog",
+            callbacks=[self._observe_backlog],
+            unit="By",
+            description="Bytes in this process's spool not yet shipped to the audit database",
+        )
+        self._reset(fork=False)
         ref = weakref.ref(self)
 
         def after_fork() -> None:
             writer = ref()
             if writer is not None:
-                writer._reset()
+                writer._reset(fork=True)
 
         def at_exit() -> None:
             writer = ref()
@@ -120,84 +279,90 @@ class AuditWriter:
         os.register_at_fork(after_in_child=after_fork)
         atexit.register(at_exit)
 
-    def _reset(self) -> None:
-        # After fork: the parent's engine, queue and thread are not ours. Its pooled connections
-        # must not be closed from here (that would break the parent's sockets), so just drop them.
-        old = getattr(self, "_engine", None)
-        if old is not None:
-            old.dispose(close=False)
-        self._engine: Engine | None = None
-        self._statements: dict[tuple[str, ...], Insert] = {}
+    def _reset(self, *, fork: bool) -> None:
+        # After fork: the parent's connections, spool segment, queue and thread are not ours.
+        # Its sockets and segment must not be closed from here (that would break the parent's),
+        # so just forget them.
+        if fork:
+            self.db.dispose(close=False)
+            self._spool.forget()
+        self.db = Database(self.settings, self.table)
+        self._spool = Spool(
+            self.spool_dir, fsync=self.settings.spool_fsync, max_bytes=self.settings.spool_max_bytes
+        )
         self._queue: queue.SimpleQueue[Row | _Flush] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._breaker_until = 0.0
+        self._next_adopt = 0.0
+
+    def engine(self) -> Engine:
+        return self.db.engine()
 
     # -- write paths -----------------------------------------------------------------------
 
     def record_publish(self, row: Row) -> None:
-        """Make the publish row durable now (sync mode); never raises, never blocks for long."""
-        if time.monotonic() >= self._breaker_until:
-            try:
-                self._ship([row])
-                return
-            except Exception as exc:
-                self._breaker_until = time.monotonic() + BREAKER_OPEN_S
-                report("audit write (row queued for retry)", exc)
-        self.record_event(row)
+        """Make the publish row durable now, as the durability mode says; never raises."""
+        mode = self.settings.durability
+        if mode == "sync":
+            if time.monotonic() >= self._breaker_until:
+                try:
+                    self.db.insert_now(row)
+                    return
+                except Exception as exc:
+                    self._breaker_until = time.monotonic() + BREAKER_OPEN_S
+                    report(
+                        "audit write",
+                        exc,
+                        f"audit database unavailable ({exc!r}): publish rows go to the spool in "
+                        f"{self.spool_dir} and are shipped when it is back",
+                    )
+            self._fallbacks.add(1)
+        if mode == "async":
+            self._enqueue(row)
+        else:
+            self._to_spool(row)
 
     def record_event(self, row: Row) -> None:
-        """Queue a partial row (must hold ``publish_id``) for the batched upsert."""
-        if self._thread is None:
-            self._start()
-        self._queue.put(row)
+        """A partial row (must hold ``publish_id``) for the batched upsert."""
+        if self.settings.durability == "spool":
+            self._to_spool(row)
+        else:
+            self._enqueue(row)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
-        """Ship everything queued so far; True when it reached the database in time."""
+        """Ship everything queued and spooled so far; True when it reached the database."""
         return self._signal(_Flush(), timeout)
 
     def close(self, timeout: float | None = 10.0) -> bool:
         """Flush, stop the thread and close connections; later writes start afresh."""
         flushed = self._signal(_Flush(stop=True), timeout)
-        with self._lock:
-            if self._engine is not None:
-                self._engine.dispose()
-                self._engine = None
-                self._statements.clear()
+        self.db.dispose()
         return flushed
+
+    def _enqueue(self, row: Row) -> None:
+        if self._thread is None:
+            self._start()
+        self._queue.put(row)
+
+    def _to_spool(self, row: Row) -> None:
+        if self._thread is None:
+            self._start()
+        try:
+            self._spool.append(row)
+        except Exception as exc:
+            report("audit spool (record kept in memory)", exc)
+            self._queue.put(row)
 
     def _signal(self, msg: _Flush, timeout: float | None) -> bool:
         if self._thread is None or not self._thread.is_alive():
-            return True
+            return not self._spool.pending()
         self._queue.put(msg)
         return msg.done.wait(timeout) and msg.ok
 
-    # -- database --------------------------------------------------------------------------
+    def _observe_backlog(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        return [metrics.Observation(self._spool.size - self._spool.shipped)]
 
-    def engine(self) -> Engine:
-        with self._lock:
-            if self._engine is None:
-                engine = make_engine(self.settings.audit_url)
-                if self.settings.create_schema:
-                    with suppress_instrumentation():
-                        ensure_schema(engine, self.table)
-                self._engine = engine
-            return self._engine
-
-    def _ship(self, rows: list[Row]) -> None:
-        """Upsert ``rows``, one executemany per distinct column set (autocommit, idempotent)."""
-        engine = self.engine()
-        groups: dict[tuple[str, ...], list[Row]] = {}
-        for row in rows:
-            groups.setdefault(tuple(sorted(row)), []).append(row)
-        with suppress_instrumentation(), engine.connect() as conn:
-            for columns, group in groups.items():
-                stmt = self._statements.get(columns)
-                if stmt is None:
-                    stmt = upsert(self.table, engine.dialect.name, columns)
-                    self._statements[columns] = stmt
-                conn.execute(stmt, group)
-
-    # -- background batching ---------------------------------------------------------------
+    # -- background shipping ---------------------------------------------------------------
 
     def _start(self) -> None:
         with self._lock:
@@ -210,30 +375,55 @@ class AuditWriter:
     def _run(self) -> None:
         pending: dict[str, Row] = {}
         interval = self.settings.flush_interval
-        next_ship = time.monotonic() + interval
+        next_ship = time.monotonic()
         backoff = interval
         while True:
             waiters: list[_Flush] = []
             self._drain(pending, waiters, max(0.0, next_ship - time.monotonic()))
-            now = time.monotonic()
-            if pending and (waiters or now >= next_ship):
-                try:
-                    self._ship(list(pending.values()))
-                    pending.clear()
-                    backoff = interval
-                except Exception as exc:
-                    report("audit batch write (will retry)", exc)
-                    backoff = min(backoff * 2, RETRY_BACKOFF_MAX_S)
-                next_ship = time.monotonic() + (backoff if pending else interval)
-            elif now >= next_ship:
-                next_ship = now + interval
+            if waiters or time.monotonic() >= next_ship:
+                ok = self._ship(pending)
+                backoff = interval if ok else min(backoff * 2, RETRY_BACKOFF_MAX_S)
+                next_ship = time.monotonic() + backoff
             for waiter in waiters:
-                waiter.ok = not pending
+                waiter.ok = not pending and not self._spool.pending()
                 waiter.done.set()
             if any(w.stop for w in waiters):
+                self._spool.close(delete=not pending and not self._spool.pending())
                 with self._lock:
                     self._thread = None
                 return
+
+    def _ship(self, pending: dict[str, Row]) -> bool:
+        """Ship the memory queue, then the spool, then dead processes' spools. On failure the
+        memory queue moves to the spool: bounded memory, and a crash now loses nothing."""
+        try:
+            if pending:
+                self.db.upsert(list(pending.values()))
+                pending.clear()
+            if self._spool.pending():
+                self._spool.ship(self.db.upsert, ROTATE_AT_BYTES)
+            if time.monotonic() >= self._next_adopt:
+                self._next_adopt = time.monotonic() + ADOPT_EVERY_S
+                adopt_orphans(self.spool_dir, self.db.upsert)
+            return True
+        except Exception as exc:
+            report(
+                "audit batch write",
+                exc,
+                f"audit database unavailable ({exc!r}): records wait in the spool in "
+                f"{self.spool_dir} and are retried with backoff",
+            )
+            self._spill(pending)
+            return False
+
+    def _spill(self, pending: dict[str, Row]) -> None:
+        for publish_id in list(pending):
+            try:
+                self._spool.append(pending[publish_id])
+            except Exception as exc:
+                report("audit spool (records kept in memory)", exc)
+                return
+            del pending[publish_id]
 
     def _drain(self, pending: dict[str, Row], waiters: list[_Flush], timeout: float) -> None:
         """Block up to ``timeout`` for the first item, then take whatever else is queued."""
@@ -252,15 +442,22 @@ class AuditWriter:
             if len(pending) > self.settings.max_pending:
                 dropped = next(iter(pending))
                 del pending[dropped]
+                self._dropped.add(1)
                 report(
                     "audit queue full",
                     OverflowError(
-                        f"more than {self.settings.max_pending} audit records waiting for the "
-                        f"database; dropped the oldest ({dropped})"
+                        f"more than {self.settings.max_pending} audit records waiting in memory "
+                        f"(database down and spool unwritable); dropped the oldest ({dropped})"
                     ),
                 )
 
 
-def drain_spool(settings: Settings, timeout: float | None = None) -> int:
+def drain_spool(settings: Settings) -> int:
     """Ship the spool leftovers of dead processes now; return the number of records shipped."""
-    return 0
+    db = Database(settings, audit_table(settings.table_name))
+    try:
+        return adopt_orphans(
+            target_dir(settings.spool_dir, settings.audit_url, settings.table_name), db.upsert
+        )
+    finally:
+        db.dispose()
