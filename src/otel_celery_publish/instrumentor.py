@@ -112,9 +112,10 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             self._official._is_instrumented_by_opentelemetry = False
 
     def _on_shutdown(self, **_: Any) -> None:
-        """Flush rows and telemetry: pool children leave with os._exit, atexit never runs."""
+        """Ship rows (and delete the shipped spool) and flush telemetry: pool children leave
+        with os._exit, atexit never runs."""
         with guard("shutdown flush"):
-            self.writer.flush(FLUSH_TIMEOUT_S)
+            self.writer.close(FLUSH_TIMEOUT_S)
             for provider in (
                 self._tracer_provider or trace.get_tracer_provider(),
                 self._meter_provider or metrics.get_meter_provider(),
