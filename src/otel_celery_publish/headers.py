@@ -67,7 +67,9 @@ def as_float(value: Any) -> float | None:
 def replay_links(headers: Mapping[str, Any]) -> list[trace.Link]:
     """A span link to the original attempt's producer span, when this publish is a replay."""
     value = lookup(headers, REPLAY_LINK)
-    trace_id, _, span_id = str(value or "").partition("-")
+    if not value:
+        return []
+    trace_id, _, span_id = str(value).partition("-")
     try:
         context = trace.SpanContext(
             int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=trace.TraceFlags(1)

@@ -147,6 +147,13 @@ def custom_headers(headers: Mapping[str, Any], exclude: Iterable[str]) -> dict[s
     return {k: jsonable(v) for k, v in headers.items() if k not in skip}
 
 
+def _repr(celerys: Any, redacted: bool, value: Any, maxsize: int) -> str:
+    """Celery's own ``argsrepr``/``kwargsrepr`` header when nothing needed masking (it is the
+    same saferepr, cut at ``argsrepr_maxsize``, or the caller's deliberate override), else ours
+    of the masked value. Saves a second repr of the arguments on every publish."""
+    return celerys if isinstance(celerys, str) and not redacted else saferepr(value, maxsize)
+
+
 def publish_row(
     *,
     publish_id: str,
@@ -219,8 +226,8 @@ def publish_row(
         "content_encoding": encoding,
         "payload_redacted": bool(redact_payload and redacted),
         "options": {k: v for k, v in options.items() if v not in (None, {})},
-        "args_repr": saferepr(safe_args, repr_maxsize),
-        "kwargs_repr": saferepr(safe_kwargs, repr_maxsize),
+        "args_repr": _repr(headers.get("argsrepr"), args_hit, safe_args, repr_maxsize),
+        "kwargs_repr": _repr(headers.get("kwargsrepr"), kwargs_hit, safe_kwargs, repr_maxsize),
         "publisher_host": host,
         "publisher_pid": pid,
         "trace_id": trace_id,

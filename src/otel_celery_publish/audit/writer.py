@@ -322,9 +322,10 @@ class AuditWriter:
         else:
             self._to_spool(row)
 
-    def record_event(self, row: Row) -> None:
-        """A partial row (must hold ``publish_id``) for the batched upsert."""
-        if self.settings.durability == "spool":
+    def record_event(self, row: Row, *, durable: bool = True) -> None:
+        """A partial row (must hold ``publish_id``) for the batched upsert: to the spool in
+        ``spool`` mode unless ``durable`` is False, else to the in-memory queue."""
+        if durable and self.settings.durability == "spool":
             self._to_spool(row)
         else:
             self._enqueue(row)
