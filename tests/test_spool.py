@@ -149,6 +149,7 @@ def test_full_spool_keeps_records_in_memory_and_says_so(
         ]
         assert all(isinstance(exc, SpoolFull) for _, exc in internal_errors)
         internal_errors.clear()
+        assert _sums(metrics_reader)["celery.audit.spool.overflow"] >= 1
         assert writer.flush()
         assert _count(url) == 5
 

@@ -123,8 +123,8 @@ class Spool:
         with self._lock:
             if self.size + len(frame) > self._max_bytes:
                 raise SpoolFull(
-                    f"spool segment {self._path} holds {self.size} bytes, spool_max_bytes="
-                    f"{self._max_bytes}: audit record {row.get('publish_id')} dropped"
+                    f"spool segment {self._path} is full ({self.size} bytes, spool_max_bytes="
+                    f"{self._max_bytes}): audit record {row.get('publish_id')} not spooled"
                 )
             fd = self._fd if self._fd is not None else self._open()
             written = os.write(fd, frame)

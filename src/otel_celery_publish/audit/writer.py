@@ -47,7 +47,7 @@ from sqlalchemy.sql.dml import Insert
 
 from otel_celery_publish._guard import report
 from otel_celery_publish.audit.schema import audit_table
-from otel_celery_publish.audit.spool import Spool, adopt_orphans, target_dir
+from otel_celery_publish.audit.spool import Spool, SpoolFull, adopt_orphans, target_dir
 from otel_celery_publish.config import Settings
 
 logger = logging.getLogger("otel_celery_publish")
@@ -252,6 +252,11 @@ class AuditWriter:
             unit="{record}",
             description="Publish rows the sync path could not commit and spooled instead",
         )
+        self._overflow = meter.create_counter(
+            "celery.audit.spool.overflow",
+            unit="{record}",
+            description="Records the spool refused (spool_max_bytes reached); kept in memory",
+        )
         self._dropped = meter.create_counter(
             "celery.audit.dropped",
             unit="{record}",
@@ -351,7 +356,9 @@ class AuditWriter:
         try:
             self._spool.append(row)
         except Exception as exc:
-            report("audit spool (record kept in memory)", exc)
+            if isinstance(exc, SpoolFull):
+                self._overflow.add(1)
+            report("audit spool (record kept in memory)", exc, f"{exc}; kept in memory instead")
             self._queue.put(row)
 
     def _signal(self, msg: _Flush, timeout: float | None) -> bool:
@@ -422,7 +429,9 @@ class AuditWriter:
             try:
                 self._spool.append(pending[publish_id])
             except Exception as exc:
-                report("audit spool (records kept in memory)", exc)
+                if isinstance(exc, SpoolFull):
+                    self._overflow.add(len(pending))
+                report("audit spool (record kept in memory)", exc, f"{exc}; kept in memory")
                 return
             del pending[publish_id]
 
