@@ -401,9 +401,7 @@ def db_url(tmp_path: Path) -> str:
 
 def _writer(db_url: str, flush_interval: float = 0.05) -> Iterator[AuditWriter]:
     spool = db_url.removeprefix("sqlite:///") + ".spool"
-    writer = AuditWriter(
-        Settings(audit_url=db_url, flush_interval=flush_interval, spool_dir=spool)
-    )
+    writer = AuditWriter(Settings(audit_url=db_url, flush_interval=flush_interval, spool_dir=spool))
     yield writer
     assert writer.close()
     writer.engine().dispose()

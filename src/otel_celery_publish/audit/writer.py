@@ -90,9 +90,7 @@ def make_engine(url: str, timeout: float = 2.0) -> Engine:
     ``timeout`` bounds connecting and unacknowledged sends (PostgreSQL) or lock waits (SQLite).
     """
     if url.startswith("sqlite"):
-        engine = create_engine(
-            url, connect_args={"timeout": timeout}, isolation_level="AUTOCOMMIT"
-        )
+        engine = create_engine(url, connect_args={"timeout": timeout}, isolation_level="AUTOCOMMIT")
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
