@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PY_SRC := src tests benchmarks examples scripts/verify-stack
 
-.PHONY: venv lint test demo bench clean
+.PHONY: venv lint test demo bench clean stack-up verify-stack stack-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +16,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check $(PY_SRC)
+	$(BIN)/ruff format --check $(PY_SRC)
 	$(BIN)/mypy
 
 test: lint
@@ -27,6 +28,17 @@ demo: venv
 
 bench: venv
 	$(BIN)/python benchmarks/publish_latency.py
+
+# The real stack (needs Docker): collector, Jaeger, Tempo, Prometheus, Grafana, a demo worker and
+# producer. verify-stack checks a fresh trace end to end and the audit row.
+stack-up:
+	docker compose up --build -d
+
+verify-stack:
+	python3 scripts/verify-stack
+
+stack-down:
+	docker compose down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache celery_audit.db*

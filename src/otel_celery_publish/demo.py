@@ -47,6 +47,7 @@ def _make_app() -> Celery:
         broker_transport_options={
             "data_folder_in": str(broker_dir),
             "data_folder_out": str(broker_dir),
+            "control_folder": str(broker_dir / "control"),
             "processed_folder": str(DEMO_DIR / "processed"),
             "store_processed": False,
             "polling_interval": 0.05,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Collection
 from typing import Any
 
@@ -116,10 +117,21 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         with os._exit, atexit never runs."""
         with guard("shutdown flush"):
             self.writer.close(FLUSH_TIMEOUT_S)
-            for provider in (
-                self._tracer_provider or trace.get_tracer_provider(),
-                self._meter_provider or metrics.get_meter_provider(),
-            ):
-                force_flush = getattr(provider, "force_flush", None)
-                if force_flush is not None:
+            # In a daemon thread, bounded: the SDK's metric reader can fork with its export lock
+            # held, and force_flush's own timeout does not cover taking it
+            # (opentelemetry-python#3307): a pool child would hang its worker's shutdown.
+            flusher = threading.Thread(
+                target=self._flush_providers, name="otel-celery-publish-flush", daemon=True
+            )
+            flusher.start()
+            flusher.join(FLUSH_TIMEOUT_S)
+
+    def _flush_providers(self) -> None:
+        for provider in (
+            self._tracer_provider or trace.get_tracer_provider(),
+            self._meter_provider or metrics.get_meter_provider(),
+        ):
+            force_flush = getattr(provider, "force_flush", None)
+            if force_flush is not None:
+                with guard("shutdown flush"):
                     force_flush(int(FLUSH_TIMEOUT_S * 1000))

@@ -27,6 +27,8 @@ from otel_celery_publish.config import Settings
 from otel_celery_publish.timing import queue_waits
 
 MAX_TRACKED = 10_000
+# The semconv's advisory buckets for durations in seconds (the SDK's default ones are for ms).
+SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10]
 # Celery's postrun ``state`` -> the row's outcome.
 OUTCOMES = {
     "SUCCESS": "succeeded",
@@ -104,9 +106,13 @@ class WorkerHooks:
             "celery.task.queue_wait.duration",
             unit="s",
             description="Time from publish (or ETA) until the task started running.",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
         self._process_duration = meter.create_histogram(
-            "messaging.process.duration", unit="s", description="Duration of task execution."
+            "messaging.process.duration",
+            unit="s",
+            description="Duration of task execution.",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
 
     # -- main process ----------------------------------------------------------------------
