@@ -165,7 +165,7 @@ def test_sync_falls_back_to_the_spool_with_a_metric(
         writer.record_publish(_row("p2"))
         assert _sums(metrics_reader)["celery.audit.fallback"] == 2
         assert _sums(metrics_reader)["celery.audit.spool.backlog"] > 0
-        assert [where for where, _ in internal_errors] == ["audit write"]
+        assert "audit write" in [where for where, _ in internal_errors]
         internal_errors.clear()
         assert os.listdir(writer.spool_dir), "the rows wait on disk, not in memory"
         db_dir.mkdir()

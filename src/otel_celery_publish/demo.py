@@ -1,9 +1,12 @@
 """``make demo``: the whole story on embedded defaults - no Docker, no servers.
 
 A worker process and this publisher share a kombu *filesystem* broker in a temporary directory,
-the audit table is SQLite, and both processes write their spans to JSON-lines files that this
+the audit table is SQLite, and every process writes its spans to JSON-lines files that this
 script reads back and draws as timelines. It publishes a few tasks (success, countdown, failure,
-retry, one routed to a queue nobody consumes) and prints the audit rows and each trace.
+retry, one routed to a queue nobody consumes), draws each trace, then runs the real
+``celery -A otel_celery_publish.demo audit ...`` commands: ``lost`` finds the stranded task,
+``replay`` re-sends it to the consumed queue, where it succeeds, ``stats`` reports latency
+percentiles and ``show`` the history of the replayed task.
 
 Run: ``python -m otel_celery_publish.demo`` (set ``OTEL_EXPORTER_OTLP_ENDPOINT`` to also export
 over OTLP/HTTP to a collector).
@@ -19,11 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from celery import Celery
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -35,6 +40,7 @@ from sqlalchemy import create_engine, select
 
 from otel_celery_publish import CeleryPublishInstrumentor
 from otel_celery_publish.audit.schema import audit_table
+from otel_celery_publish.timeline import Bar, render
 
 DEMO_DIR = Path(os.environ.get("OCP_DEMO_DIR") or tempfile.gettempdir()) / "otel-celery-demo"
 QUEUE, NOBODY = "demo", "nobody-consumes-this"
@@ -107,6 +113,9 @@ if os.environ.get("OCP_DEMO_ROLE") == "worker":
     CeleryPublishInstrumentor().instrument(
         tracer_provider=setup_tracing("worker"), audit_url=audit_url(), flush_interval=0.1
     )
+elif os.environ.get("OCP_DEMO_ROLE") == "cli":
+    # ``audit replay`` instruments itself with the global provider: record its spans too.
+    trace.set_tracer_provider(setup_tracing("cli"))
 
 
 def _load_spans() -> list[dict[str, Any]]:
@@ -120,46 +129,68 @@ def _ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def timeline(spans: list[dict[str, Any]], width: int = 48) -> str:
-    """Draw one trace's spans as a tree of bars to scale, like a Jaeger waterfall."""
-    t0 = min(_ts(s["start_time"]) for s in spans)
-    t1 = max(_ts(s["end_time"]) for s in spans)
-    scale = width / max(t1 - t0, 1e-6)
+def span_bars(spans: list[dict[str, Any]]) -> Iterator[Bar]:
+    """One trace's spans as timeline bars, depth-first in start order (a Jaeger waterfall)."""
     ids = {s["context"]["span_id"] for s in spans}
     children: dict[str | None, list[dict[str, Any]]] = {}
     for span in sorted(spans, key=lambda s: _ts(s["start_time"])):
         parent = span.get("parent_id")
         children.setdefault(parent if parent in ids else None, []).append(span)
-    lines: list[str] = []
 
-    def draw(span: dict[str, Any], depth: int) -> None:
-        start, end = _ts(span["start_time"]), _ts(span["end_time"])
-        bar = " " * int((start - t0) * scale) + "█" * max(1, int((end - start) * scale))
-        error = " ✗" if span["status"]["status_code"] == "ERROR" else ""
-        label = ("  " * depth + span["name"])[:34]
-        lines.append(f"  {label:<34} {bar} {(end - start) * 1000:.1f} ms{error}")
+    def walk(span: dict[str, Any], depth: int) -> Iterator[Bar]:
+        links = " (linked to the original trace)" if span.get("links") else ""
+        yield Bar(
+            span["name"],
+            _ts(span["start_time"]),
+            _ts(span["end_time"]),
+            depth,
+            error=span["status"]["status_code"] == "ERROR",
+            note=f"[{span['resource']['attributes'].get('service.name', '')}]{links}",
+        )
         for child in children.get(span["context"]["span_id"], []):
-            draw(child, depth + 1)
+            yield from walk(child, depth + 1)
 
     for root in children.get(None, []):
-        draw(root, 0)
-    return "\n".join(lines)
+        yield from walk(root, 0)
 
 
-def _wait_finished(engine: Any, task_ids: list[str], timeout: float) -> list[Any]:
+def _rows() -> list[Any]:
     table = audit_table()
-    deadline = time.monotonic() + timeout
-    while True:
+    engine = create_engine(audit_url())
+    try:
         with engine.connect() as conn:
-            rows = conn.execute(select(table).order_by(table.c.published_at)).all()
-        done = {r.task_id for r in rows if r.outcome in {"succeeded", "failed"}}
-        if set(task_ids) <= done or time.monotonic() > deadline:
-            return list(rows)
+            return list(conn.execute(select(table).order_by(table.c.published_at)))
+    finally:
+        engine.dispose()
+
+
+def _poll(what: str, check: Callable[[], Any], timeout: float = 40) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"demo: timed out waiting for {what}")
         time.sleep(0.1)  # polling the audit table with a deadline
+    return result
 
 
-def _seconds(a: Any, b: Any) -> str:
-    return f"{(b - a).total_seconds() * 1000:7.1f}" if a and b else "      -"
+def _audit(*args: str) -> str:
+    """Run ``celery -A otel_celery_publish.demo audit ARGS`` for real; echo and return stdout."""
+    cmd = ["celery", "-A", "otel_celery_publish.demo", "audit", *args]
+    print(f"\n$ {' '.join(cmd)}")
+    env = {**os.environ, "OCP_DEMO_ROLE": "cli", "OCP_DEMO_DIR": str(DEMO_DIR.parent),
+           "OTEL_CELERY_PUBLISH_AUDIT_URL": audit_url()}  # fmt: skip
+    argv = [sys.executable, "-m", *cmd]
+    done = subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=60)
+    print(done.stdout.rstrip() or done.stderr.rstrip())
+    if done.returncode:
+        raise RuntimeError(f"demo: {' '.join(cmd)} exited {done.returncode}: {done.stderr}")
+    return done.stdout
+
+
+def _show_trace(row: Any, spans: list[dict[str, Any]]) -> None:
+    trace_spans = [s for s in spans if s["context"]["trace_id"] == "0x" + row.trace_id]
+    print(f"\ntrace {row.trace_id}  {row.task_name}[{row.task_id[:8]}]")
+    print("\n".join(render(span_bars(trace_spans), width=40, label_width=30)))
 
 
 def main() -> int:
@@ -177,42 +208,48 @@ def main() -> int:
         tracer_provider=setup_tracing("publisher"), audit_url=audit_url(), flush_interval=0.1
     )
     try:
-        print("publishing 5 tasks to a worker process over an embedded filesystem broker...")
+        print("1. publishing 5 tasks to a worker process over an embedded filesystem broker:")
+        print("   a success, a countdown, a failure, a retry, and one to a queue nobody consumes")
         consumed = [
             add.delay(2, 3).id,
             add.apply_async((4, 5), countdown=0.5).id,
             charge.delay("ada", card_token="tok_secret").id,
             flaky.delay().id,
         ]
-        lost = add.apply_async((6, 7), queue=NOBODY).id
-        rows = _wait_finished(create_engine(audit_url()), consumed, timeout=40)
+        stranded = add.apply_async((6, 7), queue=NOBODY).id
+        instrumentor.writer.flush()
+
+        def finished() -> bool:
+            done = {r.task_id for r in _rows() if r.outcome in {"succeeded", "failed"}}
+            return set(consumed) <= done
+
+        _poll("the consumed tasks to finish", finished)
+        print("\n2. each trace as a timeline: publish, queue wait (broker, worker), run")
+        spans = _load_spans()
+        shown = set()
+        for row in _rows():  # a retry continues its first attempt's trace: draw it once
+            if row.task_id in consumed and row.trace_id not in shown:
+                shown.add(row.trace_id)
+                _show_trace(row, spans)
+
+        print("\n3. the operations side: find the stranded task, replay it, check, measure")
+        _audit("lost", "--older-than", "0s")
+        _audit("replay", stranded, "--queue", QUEUE, "--yes")
+        [replayed] = _poll(
+            "the replay to succeed",
+            lambda: [r for r in _rows() if r.replay_of and r.outcome == "succeeded"],
+        )
+        _audit("lost", "--older-than", "0s")
+        _audit("stats", "--since", "1h")
+        _audit("show", replayed.task_id)
+        _show_trace(replayed, _load_spans())
     finally:
         instrumentor.uninstrument()
         worker.send_signal(signal.SIGTERM)
         worker.wait(30)
-
-    print(
-        "\naudit rows (times in ms: broker wait = received - published, run = finished - started)"
-    )
-    print(f"  {'task':<11} {'attempt':>7} {'queue':<20} {'outcome':<10} {'broker':>7} "
-          f"{'worker':>7} {'run':>7}  kwargs")  # fmt: skip
-    for r in rows:
-        outcome = r.outcome or ("sent, never received" if r.sent_at else "not sent")
-        print(
-            f"  {r.task_name:<11} {r.attempt:>7} {r.queue[:20]:<20} {outcome:<10} "
-            f"{_seconds(r.published_at, r.received_at)} {_seconds(r.received_at, r.started_at)} "
-            f"{_seconds(r.started_at, r.finished_at)}  {r.kwargs_repr}"
-        )
-    spans = _load_spans()
-    for r in rows:
-        if r.task_id in consumed[:3] or r.attempt:
-            trace = [s for s in spans if s["context"]["trace_id"] == "0x" + r.trace_id]
-            print(f"\ntrace {r.trace_id}  ({r.task_name}, {r.outcome})\n{timeline(trace)}")
-    print(f"\nstranded: {lost} was published to {NOBODY!r}, which no worker consumes: "
-          "its row says sent, never received.")  # fmt: skip
-    ok = all(r.outcome for r in rows if r.task_id in consumed)
-    print("\ndemo finished:", "all consumed tasks reached an outcome" if ok else "TIMED OUT")
-    return 0 if ok else 1
+    print("\ndemo finished: every task reached an outcome; the stranded one was found, "
+          "replayed and ran.")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             "otel_celery_publish", __version__, self._meter_provider, schema_url=SCHEMA_URL
         )
         self.writer = AuditWriter(settings, meter)
+        self.writer.start()
         publish = PublishHooks(tracer, self.writer, settings)
         worker = WorkerHooks(tracer, meter, self.writer, settings)
         self._receivers: list[tuple[Any, Any]] = [

@@ -39,13 +39,13 @@ from typing import Any
 
 from opentelemetry import metrics
 from opentelemetry.instrumentation.utils import suppress_instrumentation
-from sqlalchemy import Engine, Table, create_engine, event, inspect
+from sqlalchemy import Engine, Table, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.dml import Insert
 
 from otel_celery_publish._guard import report
+from otel_celery_publish.audit.migrate import upgrade
 from otel_celery_publish.audit.schema import audit_table
 from otel_celery_publish.audit.spool import Spool, SpoolFull, adopt_orphans, target_dir
 from otel_celery_publish.config import Settings
@@ -119,16 +119,6 @@ def upsert(table: Table, dialect: str, columns: Iterable[str]) -> Insert:
     )
 
 
-def ensure_schema(engine: Engine, table: Table) -> None:
-    """Create the table and its indexes if missing; tolerate another process racing us."""
-    try:
-        with engine.connect() as conn:
-            table.create(conn, checkfirst=True)
-    except DBAPIError:
-        if not inspect(engine).has_table(table.name):
-            raise
-
-
 class Database:
     """The audit database: a pooled engine for batches, one warm raw connection for sync rows."""
 
@@ -149,8 +139,7 @@ class Database:
             if self._engine is None:
                 engine = make_engine(self.settings.audit_url, self.settings.db_timeout)
                 if self.settings.create_schema:
-                    with suppress_instrumentation():
-                        ensure_schema(engine, self.table)
+                    upgrade(engine, self.table.name)
                 self._engine = engine
             return self._engine
 
@@ -370,6 +359,11 @@ class AuditWriter:
 
     # -- background shipping ---------------------------------------------------------------
 
+    def start(self) -> None:
+        """Start the background thread now: it connects, migrates the schema and ships dead
+        processes' spools before the first publish needs any of it."""
+        self._start()
+
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
@@ -403,6 +397,7 @@ class AuditWriter:
         """Ship the memory queue, then the spool, then dead processes' spools. On failure the
         memory queue moves to the spool: bounded memory, and a crash now loses nothing."""
         try:
+            self.db.engine()  # connect (and migrate) here, not on the first publish
             if pending:
                 self.db.upsert(list(pending.values()))
                 pending.clear()
