@@ -60,6 +60,7 @@ RETRY_BACKOFF_MAX_S = 30.0
 # A fully shipped segment is deleted once it is this large (less re-shipping after a crash).
 ROTATE_AT_BYTES = 4 << 20
 ADOPT_EVERY_S = 60.0
+_INHERITED: list[Any] = []
 
 
 @dataclass
@@ -177,17 +178,25 @@ class Database:
                     )
                 conn.execute(stmt, group)
 
-    def dispose(self, *, close: bool = True) -> None:
-        """Drop connections; ``close=False`` after fork (the sockets are the parent's)."""
+    def dispose(self) -> None:
+        """Close every connection; the next call reconnects."""
         with self._lock, self._sync_lock:
-            if close:
-                self._drop_sync()
-            self._fairy = self._raw = None
+            self._drop_sync()
             if self._engine is not None:
-                self._engine.dispose(close=close)
+                self._engine.dispose()
                 self._engine = None
             self._statements.clear()
             self._prepared.clear()
+
+    def forget(self) -> None:
+        """In a forked child: let go of the parent's connections without closing them (the
+        sockets are the parent's) and without our locks (a parent thread may have held one at
+        fork time). This object is not used again."""
+        # A checked-out connection that is garbage collected gets terminated by the pool, on
+        # the parent's socket: keep it referenced for the life of this process instead.
+        _INHERITED.append(self._fairy)
+        if self._engine is not None:
+            self._engine.dispose(close=False)
 
     def _connect_sync(self) -> Any:
         engine = self.engine()
@@ -232,7 +241,6 @@ class AuditWriter:
         self.settings = settings
         self.table = audit_table(settings.table_name)
         self.spool_dir = target_dir(settings.spool_dir, settings.audit_url, settings.table_name)
-        self._lock = threading.Lock()
         meter = meter or metrics.get_meter("otel_celery_publish")
         self._fallbacks = meter.create_counter(
             "celery.audit.fallback",
@@ -276,8 +284,9 @@ class AuditWriter:
         # Its sockets and segment must not be closed from here (that would break the parent's),
         # so just forget them.
         if fork:
-            self.db.dispose(close=False)
+            self.db.forget()
             self._spool.forget()
+        self._lock = threading.Lock()
         self.db = Database(self.settings, self.table)
         self._spool = Spool(
             self.spool_dir, fsync=self.settings.spool_fsync, max_bytes=self.settings.spool_max_bytes
@@ -384,13 +393,16 @@ class AuditWriter:
                 ok = self._ship(pending)
                 backoff = interval if ok else min(backoff * 2, RETRY_BACKOFF_MAX_S)
                 next_ship = time.monotonic() + backoff
-            for waiter in waiters:
-                waiter.ok = not pending and not self._spool.pending()
-                waiter.done.set()
-            if any(w.stop for w in waiters):
-                self._spool.close(delete=not pending and not self._spool.pending())
+            shipped = not pending and not self._spool.pending()
+            stop = any(w.stop for w in waiters)
+            if stop:  # before the waiters wake: a pool child exits right after close()
+                self._spool.close(delete=shipped)
                 with self._lock:
                     self._thread = None
+            for waiter in waiters:
+                waiter.ok = shipped
+                waiter.done.set()
+            if stop:
                 return
 
     def _ship(self, pending: dict[str, Row]) -> bool:
