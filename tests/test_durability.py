@@ -54,6 +54,19 @@ def _expect_reported(internal_errors: list[Any]) -> None:
         exc._ocp_expected = True
 
 
+def _instrument(url: str, mode: str, spool_dir: Path, **settings: Any) -> Any:
+    instrumentor = CeleryPublishInstrumentor()
+    instrumentor.instrument(
+        tracer_provider=TracerProvider(),
+        audit_url=url,
+        durability=mode,
+        flush_interval=0.05,
+        spool_dir=str(spool_dir),
+        **settings,
+    )
+    return instrumentor
+
+
 @pytest.fixture
 def proxy() -> Iterator[TcpProxy]:
     proxy = TcpProxy(("127.0.0.1", 5432)).start()
@@ -80,15 +93,7 @@ def test_database_outage_loses_nothing_in_every_mode(
 ) -> None:
     """Publishes before, during and after an outage all succeed quickly; every row arrives once."""
     url = make_url(pg_url).set(port=proxy.port).render_as_string(hide_password=False)
-    instrumentor = CeleryPublishInstrumentor()
-    instrumentor.instrument(
-        tracer_provider=TracerProvider(),
-        audit_url=url,
-        durability=mode,
-        flush_interval=0.05,
-        db_timeout=1.0,
-        spool_dir=str(tmp_path),
-    )
+    instrumentor = _instrument(url, mode, tmp_path, db_timeout=1.0)
     writer = instrumentor.writer
     slowest = 0.0
 
@@ -250,14 +255,7 @@ def test_worker_lifecycle_in_every_mode(
 ) -> None:
     """A prefork worker in each mode records the whole lifecycle of a task."""
     start_worker(pool="prefork", concurrency=1, env={"OTEL_CELERY_PUBLISH_DURABILITY": mode})
-    instrumentor = CeleryPublishInstrumentor()
-    instrumentor.instrument(
-        tracer_provider=TracerProvider(),
-        audit_url=pg_url,
-        durability=mode,
-        flush_interval=0.05,
-        spool_dir=str(tmp_path),
-    )
+    instrumentor = _instrument(pg_url, mode, tmp_path)
     try:
         task_id = add.apply_async((2, 3), queue=queue_name).id
         [row] = wait_row(pg, task_id, lambda rows: rows[0]["outcome"] == "succeeded")
