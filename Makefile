@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PY_SRC := src tests benchmarks examples scripts/verify-stack
 
-.PHONY: venv lint test demo bench clean stack-up verify-stack stack-down
+.PHONY: venv lint test demo bench bench-audit clean stack-up verify-stack stack-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: venv
 
 bench: venv
 	$(BIN)/python benchmarks/publish_latency.py
+
+# 10 million rows in a scratch PostgreSQL database: how fast `lost` and `stats` stay.
+bench-audit: venv
+	$(BIN)/python benchmarks/audit_scale.py
 
 # The real stack (needs Docker): collector, Jaeger, Tempo, Prometheus, Grafana, a demo worker and
 # producer. verify-stack checks a fresh trace end to end and the audit row.

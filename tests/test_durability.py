@@ -4,6 +4,7 @@ processes sharing a spool directory, fork after instrument(), and a real worker 
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import signal
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine, make_url
@@ -258,7 +261,32 @@ def test_worker_lifecycle_in_every_mode(
     instrumentor = _instrument(pg_url, mode, tmp_path)
     try:
         task_id = add.apply_async((2, 3), queue=queue_name).id
-        [row] = wait_row(pg, task_id, lambda rows: rows[0]["outcome"] == "succeeded")
+        # Three processes write the row (publisher, worker main, pool child), each in batches:
+        # the columns arrive in any order.
+        lifecycle = ("sent_at", "received_at", "started_at", "finished_at")
+        [row] = wait_row(pg, task_id, lambda rows: None not in [rows[0][c] for c in lifecycle])
     finally:
         instrumentor.uninstrument()
-    assert None not in (row["sent_at"], row["received_at"], row["started_at"], row["payload"])
+    assert row["outcome"] == "succeeded"
+    assert row["payload"]
+
+
+def test_metric_reader_forked_mid_export_still_exports_in_the_child(tmp_path: Path) -> None:
+    """A pool child forked while the parent's metric reader held its export lock gets a free
+    lock (opentelemetry-python#3307), instead of never exporting and hanging at shutdown."""
+    reader = PeriodicExportingMetricReader(ConsoleMetricExporter(out=io.StringIO()), 60_000)
+    provider = MeterProvider(metric_readers=[reader])
+    instrumentor = _instrument(f"sqlite:///{tmp_path}/a.db", "async", tmp_path)
+    try:
+        with reader._export_lock:  # the parent's thread, exporting at the moment of fork
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os._exit(0 if reader._export_lock.acquire(timeout=5) else 1)
+                finally:
+                    os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        instrumentor.uninstrument()
+        provider.shutdown()

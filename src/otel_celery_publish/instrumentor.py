@@ -26,6 +26,21 @@ logger = logging.getLogger("otel_celery_publish")
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.30.0"
 FLUSH_TIMEOUT_S = 5.0
 _said_official = False
+_fork_hook_registered = False
+
+
+def _reinit_metric_export_locks() -> None:
+    """After fork: give the SDK's periodic metric readers a fresh export lock.
+
+    A reader forked while its thread was exporting hands the child a lock that nobody will ever
+    release: the child's metrics never export and its shutdown flush hangs
+    (opentelemetry-python#3307). Prefork pool children hit it in a few percent of forks.
+    """
+    from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415 - SDK is optional here
+
+    for reader in list(getattr(MeterProvider, "_all_metric_readers", ())):
+        if hasattr(reader, "_export_lock"):
+            reader._export_lock = threading.Lock()
 
 
 def supersede_official() -> Any:
@@ -83,6 +98,10 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         meter = metrics.get_meter(
             "otel_celery_publish", __version__, self._meter_provider, schema_url=SCHEMA_URL
         )
+        global _fork_hook_registered  # noqa: PLW0603 - one hook per process
+        if not _fork_hook_registered:
+            _fork_hook_registered = True
+            os.register_at_fork(after_in_child=_reinit_metric_export_locks)
         self.writer = AuditWriter(settings, meter)
         self.writer.start()
         publish = PublishHooks(tracer, self.writer, settings)

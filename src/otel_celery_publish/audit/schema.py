@@ -1,4 +1,14 @@
-"""The audit table: one row per publish attempt (a retry or a replay is a new row)."""
+"""The audit table: one row per publish attempt (a retry or a replay is a new row).
+
+The migrations in ``audit/migrations`` create exactly this table (a test compares them); change
+it here *and* add a revision there.
+
+Indexes lead with ``published_at`` wherever a query scans a time range (``lost``, ``stats``,
+``prune``), so the table can be range-partitioned by it. ``lost`` reads a partial index holding
+only unfinished, unreplayed rows: at steady state a tiny fraction of the table, so finding them
+over a day costs the same with ten thousand rows as with ten million. ``task_id`` and
+``replay_of`` are point lookups (``show``, ``replay``, a retry's or replay's earlier rows).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
 )
 
 metadata = MetaData()
@@ -25,7 +36,7 @@ def audit_table(name: str = "celery_publish_audit", meta: MetaData = metadata) -
     if name in meta.tables:
         return meta.tables[name]
     ts = DateTime(timezone=True)
-    return Table(
+    table = Table(
         name,
         meta,
         # Our own id for this publish attempt, carried in the message headers: the worker's
@@ -60,6 +71,9 @@ def audit_table(name: str = "celery_publish_audit", meta: MetaData = metadata) -
         Column("error", Text),
         # A replay is a new row pointing at the attempt it re-sent.
         Column("replay_of", String(36)),
+        # Set on the original by ``audit replay``: when, and the task id of the replay.
+        Column("replayed_at", ts),
+        Column("replayed_as", String(255)),
         # Lifecycle, written through the batched path.
         Column("sent_at", ts),
         Column("received_at", ts),
@@ -73,3 +87,14 @@ def audit_table(name: str = "celery_publish_audit", meta: MetaData = metadata) -
         Index(f"ix_{name}_published_at", "published_at"),
         Index(f"ix_{name}_task_id", "task_id"),
     )
+    c = table.c
+    unfinished = and_(c.finished_at.is_(None), c.replayed_at.is_(None))
+    Index(
+        f"ix_{name}_unfinished",
+        c.published_at,
+        postgresql_where=unfinished,
+        sqlite_where=unfinished,
+    )
+    replays = c.replay_of.is_not(None)
+    Index(f"ix_{name}_replay_of", c.replay_of, postgresql_where=replays, sqlite_where=replays)
+    return table

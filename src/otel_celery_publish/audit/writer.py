@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 import weakref
@@ -96,7 +97,10 @@ def make_engine(url: str, timeout: float = 2.0) -> Engine:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            # WAL is a property of the file: if another process holds the lock while setting
+            # it on a new database, it is being set; this connection need not.
+            with contextlib.suppress(sqlite3.OperationalError):
+                cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 

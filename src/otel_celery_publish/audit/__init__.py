@@ -1,0 +1,89 @@
+"""The audit table's operations: find lost tasks, replay them, report latency.
+
+``celery -A proj audit <command>`` is a thin layer over these functions (docs/audit.md has the
+command reference and the JSON shapes). Every function takes ``settings`` (default:
+``Settings.from_env()``, i.e. ``OTEL_CELERY_PUBLISH_AUDIT_URL``, ``..._TABLE_NAME``...) and
+raises :class:`AuditError` (one line, no driver noise) for an unreachable database
+(:class:`DatabaseUnavailable`), a table that is not migrated (:class:`SchemaNotMigrated`) or an
+unknown task id (:class:`UnknownTask`). Times are aware UTC datetimes::
+
+    lost(*, settings, older_than=10m, since=1d, until, task (glob), queue, limit=100, now)
+        -> list[LostTask]             stuck attempts, each with a ``reason``
+    check_results(app, tasks) -> list[LostTask]
+                                      drop those the result backend saw finish
+    replay(app, task_ids, *, publish_ids, policy=Policy(...), dry_run, rate, settings)
+        -> ReplayReport               re-publish through the app, on the record
+    plan_replay(app, task_ids, *, publish_ids, policy, settings, now) -> list[Planned]
+    send_replay(app, planned, *, settings, rate, on_done) -> ReplayReport
+                                      the two steps of replay(), to confirm in between
+    stats(*, settings, since=1h, until, task, queue, slowest=10, now) -> Stats
+                                      latency percentiles computed in the database
+    show(task_id, *, settings) -> TaskHistory
+                                      every attempt and replay of one task
+    prune(*, older_than, settings, batch_size=5000, now) -> PruneResult
+                                      retention, in short batches
+    migrate_schema(*, settings) -> Migration
+                                      create/adopt/upgrade the table (Alembic)
+    drain(*, settings) -> int         ship the local spool now
+
+Schema upgrades for code that already holds an engine (the writer):
+:func:`otel_celery_publish.audit.migrate.upgrade`.
+"""
+
+from otel_celery_publish.audit._replay import (
+    Planned,
+    Policy,
+    ReplayReport,
+    ReplayResult,
+    plan_replay,
+    replay,
+    send_replay,
+)
+from otel_celery_publish.audit._stats import Distribution, GroupStats, SlowTask, Stats, stats
+from otel_celery_publish.audit._store import (
+    Attempt,
+    AuditError,
+    DatabaseUnavailable,
+    LostTask,
+    Migration,
+    PruneResult,
+    SchemaNotMigrated,
+    TaskHistory,
+    UnknownTask,
+    check_results,
+    drain,
+    lost,
+    migrate_schema,
+    prune,
+    show,
+)
+
+__all__ = [
+    "Attempt",
+    "AuditError",
+    "DatabaseUnavailable",
+    "Distribution",
+    "GroupStats",
+    "LostTask",
+    "Migration",
+    "Planned",
+    "Policy",
+    "PruneResult",
+    "ReplayReport",
+    "ReplayResult",
+    "SchemaNotMigrated",
+    "SlowTask",
+    "Stats",
+    "TaskHistory",
+    "UnknownTask",
+    "check_results",
+    "drain",
+    "lost",
+    "migrate_schema",
+    "plan_replay",
+    "prune",
+    "replay",
+    "send_replay",
+    "show",
+    "stats",
+]
