@@ -19,6 +19,7 @@ from otel_celery_publish import Settings
 from otel_celery_publish.audit import spool as spool_mod
 from otel_celery_publish.audit.spool import HEADER, Spool, SpoolFull, adopt_orphans, decode, encode
 from otel_celery_publish.audit.writer import AuditWriter
+from tests.otlp_receiver import wait_for
 
 NOW = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
 
@@ -194,3 +195,20 @@ def test_spool_dir_is_per_audit_database(tmp_path: Path) -> None:
     assert a == spool_mod.target_dir(str(tmp_path), "postgresql://u:two@h/db", "t")
     assert a != spool_mod.target_dir(str(tmp_path), "postgresql://u@h/other", "t")
     assert a != spool_mod.target_dir(str(tmp_path), "postgresql://u@h/db", "t2")
+
+
+def test_memory_backlog_beyond_max_pending_moves_to_the_spool(
+    tmp_path: Path, metrics_reader: InMemoryMetricReader
+) -> None:
+    """More records than max_pending waiting in memory: they go to the spool, none dropped."""
+    url = f"sqlite:///{tmp_path}/a.db"
+    for writer in _writer(
+        tmp_path, metrics_reader, audit_url=url, durability="async", max_pending=3
+    ):
+        for i in range(10):
+            writer.record_publish(_row(f"p{i}"))
+        spooled = writer.spool_dir
+        wait_for(lambda d=spooled: os.path.isdir(d) and os.listdir(d), 10, "a spill")
+        assert writer.flush()
+        assert _count(url) == 10
+        assert "celery.audit.dropped" not in _sums(metrics_reader)

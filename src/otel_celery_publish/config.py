@@ -50,7 +50,7 @@ class Settings:
     create_schema: bool = True
     table_name: str = "celery_publish_audit"
     flush_interval: float = 1.0
-    max_pending: int = 100_000
+    max_pending: int = 10_000
     repr_maxsize: int = 4096
     max_payload_bytes: int = 1_048_576
     spool_dir: str = dataclasses.field(default_factory=default_spool_dir)

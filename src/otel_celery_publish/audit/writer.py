@@ -497,6 +497,10 @@ class AuditWriter:
             merged = pending.setdefault(item["publish_id"], {})
             merged.update(item)
             if len(pending) > self.settings.max_pending:
+                # Memory is full (the database is slow, or this thread starved of the GIL by a
+                # busy publisher): the backlog moves to the spool; dropped only if it refuses.
+                self._spill(pending)
+            if len(pending) > self.settings.max_pending:
                 dropped = next(iter(pending))
                 del pending[dropped]
                 self._dropped.add(1)
@@ -504,7 +508,7 @@ class AuditWriter:
                     "audit queue full",
                     OverflowError(
                         f"more than {self.settings.max_pending} audit records waiting in memory "
-                        f"(database down and spool unwritable); dropped the oldest ({dropped})"
+                        f"and the spool refuses them; dropped the oldest ({dropped})"
                     ),
                 )
 
