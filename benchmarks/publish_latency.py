@@ -21,12 +21,15 @@ Modes (all publish the same message to the same broker):
     Celery alone, no receivers on the publish signals.
 ``otel-official``
     opentelemetry-instrumentation-celery only: a PRODUCER span, no database.
-``plugin-sync-pg``
-    ``CeleryPublishInstrumentor`` with ``audit_url`` pointing at a PostgreSQL database the script
-    creates (and drops WITH (FORCE) at the end): producer span plus a synchronously committed
-    audit row before the message goes to the broker; the "sent" update is batched off-thread.
-``plugin-sync-sqlite``
-    The same with ``sqlite:///<tmpdir>/audit.db`` (WAL, synchronous=NORMAL).
+``plugin-{sync,spool,async}-{pg,sqlite}``
+    ``CeleryPublishInstrumentor`` with ``durability=`` sync, spool or async, auditing into a
+    PostgreSQL database the script creates (and drops WITH (FORCE) at the end), or into
+    ``sqlite:///<tmpdir>/<mode>.db`` (WAL, synchronous=NORMAL). Every plugin mode has a table (or
+    SQLite file) and a fresh ``spool_dir`` of its own under the run's temporary directory, so the
+    correctness counts are per mode and no mode adopts another's spool. ``sync`` commits the row
+    before the message goes to the broker; ``spool`` appends it to a local spool file; ``async``
+    queues it in memory. The "sent" update and the spool are shipped off-thread in batches
+    every ``--flush-interval`` seconds, *during* the timed loop, as in production.
 ``naive-sqlalchemy-pg``
     No library: a ``before_task_publish`` receiver doing what applications hand-roll today, a
     SQLAlchemy ORM ``Session`` per publish (from a ``sessionmaker`` over a warm pool) adding one
@@ -54,12 +57,20 @@ Reading the output:
 * ``plugin-sync-pg p50 / floor-raw-pg p50`` says how close the plugin gets to the cheapest
   possible synchronous commit; the closer to 1.0, the less the plugin's own code costs. The floor
   makes no span, so about ``otel-official``'s ``+p50`` of that gap is the span, the rest is the
-  plugin's row building and database path. ``plugin-sync-pg / naive-sqlalchemy-pg`` compares it
-  with the hand-rolled ORM insert it replaces.
+  plugin's row building and database path. ``plugin-spool-* / otel-official`` is the cost of
+  the audit row on top of a span-only instrumentation.
+* ``targets`` marks the issue #3 targets PASS/FAIL on the p50 ratios of this run (p99 ratios
+  are printed next to them): spool mode <= 1.10x bare, sync mode on PostgreSQL <= 1.10x the
+  floor. ``--fail-on-target`` makes a FAIL the exit status 2.
 * The correctness section counts rows in every audit table against the publishes made (measured
-  plus warm-up), waits (with a deadline) for the plugin's batched "sent" updates, counts exported
-  spans, internal errors the plugin swallowed, and audit connections left open on PostgreSQL.
-  The exit status is 1 when any of those counts is off, so the numbers are never read alone.
+  plus warm-up): every publish exactly once (rows == distinct task ids == publishes), and, after
+  waiting (with a deadline) for the batched "sent" updates, ``sent_at`` set on every row; spool
+  segments left behind after each plugin mode was closed; exported spans; internal errors the
+  plugin swallowed; audit connections left open on PostgreSQL. The exit status is 1 when any of
+  those is off, so the numbers are never read alone.
+
+``--json`` writes the configuration, every mode's statistics (per round too) and raw samples,
+the ratios, the targets and the correctness section.
 """
 
 from __future__ import annotations
@@ -71,7 +82,6 @@ import gc
 import json
 import logging
 import math
-import platform
 import random
 import sqlite3
 import statistics
@@ -80,20 +90,27 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import celery
 import psycopg
 import redis
-import sqlalchemy
+from _common import (
+    APP_NAME,
+    DroppingExporter,
+    add_pg_args,
+    environment_info,
+    percentile,
+    print_targets,
+    target,
+    temp_database,
+)
 from celery import Celery, signals
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from sqlalchemy import BigInteger, DateTime, String, Text, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -101,38 +118,28 @@ import otel_celery_publish
 from otel_celery_publish import CeleryPublishInstrumentor
 
 TASK_NAME = "bench.noop"
-PLUGIN_TABLE = "celery_publish_audit"
 AUDIT_THREAD_NAME = "otel-celery-publish-audit"
-# Our own connections carry this name, so whatever else is still connected to the benchmark
-# database at the end belongs to the plugin.
-APP_NAME = "publish_latency_bench"
-MODE_NAMES = (
-    "bare",
-    "otel-official",
-    "plugin-sync-pg",
-    "plugin-sync-sqlite",
-    "naive-sqlalchemy-pg",
-    "floor-raw-pg",
+SPOOL_SUFFIX = ".seg"
+PLUGIN_MODES = {
+    # name: (durability, database)
+    "plugin-sync-pg": ("sync", "pg"),
+    "plugin-spool-pg": ("spool", "pg"),
+    "plugin-async-pg": ("async", "pg"),
+    "plugin-sync-sqlite": ("sync", "sqlite"),
+    "plugin-spool-sqlite": ("spool", "sqlite"),
+    "plugin-async-sqlite": ("async", "sqlite"),
+}
+MODE_NAMES = ("bare", "otel-official", *PLUGIN_MODES, "naive-sqlalchemy-pg", "floor-raw-pg")
+RATIOS = (
+    ("plugin-sync-pg", "floor-raw-pg"),
+    ("plugin-sync-pg", "naive-sqlalchemy-pg"),
+    ("naive-sqlalchemy-pg", "floor-raw-pg"),
+    ("plugin-spool-pg", "otel-official"),
+    ("plugin-async-pg", "otel-official"),
+    ("plugin-spool-sqlite", "otel-official"),
 )
-
-# -- telemetry ----------------------------------------------------------------------------------
-
-
-class DroppingExporter(SpanExporter):
-    """Accepts every batch and keeps only a count of span names."""
-
-    def __init__(self) -> None:
-        self.names: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        with self._lock:
-            self.names.update(span.name for span in spans)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        return None
-
+SPOOL_LIMIT_X = 1.10  # issue #3: spool mode <= 1.10x bare
+SYNC_FLOOR_LIMIT_X = 1.10  # issue #3: sync mode on PostgreSQL <= 1.10x the raw-driver floor
 
 # -- hand-written audit baselines ---------------------------------------------------------------
 
@@ -212,24 +219,40 @@ class OfficialMode(Mode):
         CeleryInstrumentor().uninstrument()  # type: ignore[no-untyped-call]
 
 
+@dataclass
+class PluginTarget:
+    """Where one plugin mode writes: its database, table and spool directory."""
+
+    durability: str
+    database: str  # "pg" or "sqlite"
+    audit_url: str
+    table: str
+    spool_dir: Path
+    sqlite_path: Path | None = None
+
+
 class PluginMode(Mode):
     receivers = 1
 
     def __init__(
-        self, name: str, audit_url: str, tracer_provider: TracerProvider, flush_interval: float
+        self, name: str, where: PluginTarget, tracer_provider: TracerProvider, flush_interval: float
     ) -> None:
         super().__init__()
         self.name = name
-        self.audit_url = audit_url
+        self.where = where
         self._tracer_provider = tracer_provider
         self._flush_interval = flush_interval
         self.flush_failures = 0
-        self.threads_left_running = 0
+        self.threads_alive_at_return = 0  # close() returned before its thread ended
+        self.threads_left_running = 0  # ... and it was still alive 5 s later
 
     def enter(self) -> None:
         CeleryPublishInstrumentor().instrument(
             tracer_provider=self._tracer_provider,
-            audit_url=self.audit_url,
+            audit_url=self.where.audit_url,
+            durability=self.where.durability,
+            table_name=self.where.table,
+            spool_dir=str(self.where.spool_dir),
             flush_interval=self._flush_interval,
         )
 
@@ -240,8 +263,14 @@ class PluginMode(Mode):
         if writer is not None and not writer.flush(10.0):
             self.flush_failures += 1
         instrumentor.uninstrument()
-        if any(t.name == AUDIT_THREAD_NAME for t in threading.enumerate()):
-            self.threads_left_running += 1
+        alive = [t for t in threading.enumerate() if t.name == AUDIT_THREAD_NAME]
+        if alive:
+            # close() signals "flushed" just before the thread deletes its spool and exits.
+            self.threads_alive_at_return += 1
+            for thread in alive:
+                thread.join(5.0)
+            if any(t.is_alive() for t in alive):
+                self.threads_left_running += 1
 
 
 class SignalMode(Mode):
@@ -324,12 +353,7 @@ class FloorMode(SignalMode):
 class ModeSamples:
     samples_ns: list[int] = field(default_factory=list)
     round_p50_ns: list[float] = field(default_factory=list)
-
-
-def percentile(sorted_values: Sequence[int], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..100) of already sorted values."""
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return float(sorted_values[rank - 1])
+    round_p99_ns: list[float] = field(default_factory=list)
 
 
 def timed_block(publish: Callable[[], Any], n: int, disable_gc: bool) -> list[int]:
@@ -379,8 +403,10 @@ def run_rounds(
             finally:
                 mode.exit()
             drop_queue()
-            results[mode.name].samples_ns.extend(block)
-            results[mode.name].round_p50_ns.append(statistics.median(block))
+            res = results[mode.name]
+            res.samples_ns.extend(block)
+            res.round_p50_ns.append(statistics.median(block))
+            res.round_p99_ns.append(percentile(sorted(block), 99))
         print(
             f"round {round_no}/{args.rounds} ({time.monotonic() - started:.1f}s): "
             + ", ".join(m.name for m in order),
@@ -399,8 +425,11 @@ def summarize(results: dict[str, ModeSamples]) -> dict[str, dict[str, Any]]:
             "p50_us": percentile(values, 50) / 1e3,
             "p90_us": percentile(values, 90) / 1e3,
             "p99_us": percentile(values, 99) / 1e3,
+            "p999_us": percentile(values, 99.9) / 1e3,
+            "max_us": values[-1] / 1e3,
             "mean_us": statistics.fmean(values) / 1e3,
             "round_p50_us": [v / 1e3 for v in res.round_p50_ns],
+            "round_p99_us": [v / 1e3 for v in res.round_p99_ns],
         }
     bare = stats.get("bare")
     for row in stats.values():
@@ -411,10 +440,33 @@ def summarize(results: dict[str, ModeSamples]) -> dict[str, dict[str, Any]]:
     return stats
 
 
-def ratio(stats: dict[str, dict[str, Any]], a: str, b: str) -> float | None:
+def ratio(stats: dict[str, dict[str, Any]], a: str, b: str, key: str = "p50_us") -> float | None:
     if a in stats and b in stats:
-        return float(stats[a]["p50_us"] / stats[b]["p50_us"])
+        return float(stats[a][key] / stats[b][key])
     return None
+
+
+def evaluate_targets(stats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, judged on p50 ratios; the p99 ratio rides along for the reader."""
+    out = []
+    for name in ("plugin-spool-pg", "plugin-spool-sqlite"):
+        if name in stats and "bare" in stats:
+            t = target(f"{name} p50 / bare p50", ratio(stats, name, "bare"), SPOOL_LIMIT_X,
+                       at_most=True)  # fmt: skip
+            t["p99_ratio"] = ratio(stats, name, "bare", "p99_us")
+            t["note"] = f"p99 ratio {t['p99_ratio']:.2f}"
+            out.append(t)
+    if "plugin-sync-pg" in stats and "floor-raw-pg" in stats:
+        t = target(
+            "plugin-sync-pg p50 / floor-raw-pg p50",
+            ratio(stats, "plugin-sync-pg", "floor-raw-pg"),
+            SYNC_FLOOR_LIMIT_X,
+            at_most=True,
+        )
+        t["p99_ratio"] = ratio(stats, "plugin-sync-pg", "floor-raw-pg", "p99_us")
+        t["note"] = f"p99 ratio {t['p99_ratio']:.2f}"
+        out.append(t)
+    return out
 
 
 def print_table(stats: dict[str, dict[str, Any]]) -> None:
@@ -433,23 +485,13 @@ def print_table(stats: dict[str, dict[str, Any]]) -> None:
             f"   {min(rounds):.1f}..{max(rounds):.1f}"
         )
     print()
-    for a, b in (
-        ("plugin-sync-pg", "floor-raw-pg"),
-        ("plugin-sync-pg", "naive-sqlalchemy-pg"),
-        ("naive-sqlalchemy-pg", "floor-raw-pg"),
-    ):
-        value = ratio(stats, a, b)
-        if value is not None:
-            print(f"{a} p50 / {b} p50 = {value:.2f}")
+    for a, b in RATIOS:
+        p50, p99 = ratio(stats, a, b), ratio(stats, a, b, "p99_us")
+        if p50 is not None and p99 is not None:
+            print(f"{a} / {b}: p50 {p50:.2f}, p99 {p99:.2f}")
 
 
 # -- correctness checks --------------------------------------------------------------------------
-
-
-def pg_counts(conn: psycopg.Connection[Any], table: str, extra: str = "") -> int:
-    where = f" WHERE {extra}" if extra else ""
-    row = conn.execute(f"SELECT count(*) FROM {table}{where}").fetchone()
-    return int(row[0]) if row else 0
 
 
 def wait_until(check: Callable[[], bool], deadline_s: float, every_s: float = 0.1) -> bool:
@@ -462,36 +504,48 @@ def wait_until(check: Callable[[], bool], deadline_s: float, every_s: float = 0.
         time.sleep(every_s)
 
 
-def check_plugin_pg(
-    conn: psycopg.Connection[Any], expected: int, deadline_s: float
+def pg_counts(conn: psycopg.Connection[Any], table: str) -> int:
+    row = conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+    return int(row[0]) if row else 0
+
+
+PLUGIN_COUNTS = "SELECT count(*), count(DISTINCT task_id), count(sent_at) FROM {table}"
+
+
+def check_plugin(
+    mode: PluginMode, conn: psycopg.Connection[Any], deadline_s: float
 ) -> dict[str, Any]:
-    """Rows (synchronous) and "sent" updates (batched) against the publishes made."""
-    counts = {"rows": 0, "sent": 0}
+    """Every publish exactly once, ``sent_at`` set (batched) on each, no spool left behind."""
+    where = mode.where
+    expected = mode.publishes
+    counts = (0, 0, 0)
+
+    def read() -> tuple[int, int, int]:
+        sql = PLUGIN_COUNTS.format(table=f'"{where.table}"')
+        if where.sqlite_path is not None:
+            with contextlib.closing(sqlite3.connect(where.sqlite_path)) as db:
+                return tuple(db.execute(sql).fetchone())  # type: ignore[return-value]
+        row = conn.execute(sql).fetchone()
+        return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
 
     def done() -> bool:
-        counts["rows"] = pg_counts(conn, PLUGIN_TABLE)
-        counts["sent"] = pg_counts(conn, PLUGIN_TABLE, "sent_at IS NOT NULL")
-        return counts["rows"] >= expected and counts["sent"] >= expected
+        nonlocal counts
+        counts = read()
+        return counts[0] >= expected and counts[2] >= expected
 
     started = time.monotonic()
     complete = wait_until(done, deadline_s)
+    rows, distinct, sent = counts
+    segments = sorted(p.name for p in where.spool_dir.rglob(f"*{SPOOL_SUFFIX}"))
     return {
+        "durability": where.durability,
         "publishes": expected,
-        "audit_rows": counts["rows"],
-        "rows_with_sent_at": counts["sent"],
-        "complete": complete and counts["rows"] == expected == counts["sent"],
+        "audit_rows": rows,
+        "distinct_task_ids": distinct,
+        "rows_with_sent_at": sent,
+        "spool_segments_left": len(segments),
+        "complete": complete and rows == distinct == sent == expected and not segments,
         "waited_s": round(time.monotonic() - started, 2),
-    }
-
-
-def check_sqlite(path: Path, expected: int) -> dict[str, Any]:
-    with sqlite3.connect(path) as db:
-        rows = db.execute(f"SELECT count(*), count(sent_at) FROM {PLUGIN_TABLE}").fetchone()
-    return {
-        "publishes": expected,
-        "audit_rows": rows[0],
-        "rows_with_sent_at": rows[1],
-        "complete": rows[0] == expected == rows[1],
     }
 
 
@@ -508,7 +562,6 @@ def collect_correctness(
     exporter: DroppingExporter,
     conninfo: str,
     dbname: str,
-    sqlite_path: Path,
     internal_errors: list[str],
     rounds: int,
 ) -> dict[str, Any]:
@@ -517,14 +570,8 @@ def collect_correctness(
     plugin_modes = [m for m in modes if isinstance(m, PluginMode)]
     out: dict[str, Any] = {}
     with psycopg.connect(conninfo, autocommit=True, application_name=APP_NAME) as conn:
-        if "plugin-sync-pg" in by_name:
-            out["plugin-sync-pg"] = check_plugin_pg(
-                conn, by_name["plugin-sync-pg"].publishes, deadline_s=15.0
-            )
-        if "plugin-sync-sqlite" in by_name:
-            out["plugin-sync-sqlite"] = check_sqlite(
-                sqlite_path, by_name["plugin-sync-sqlite"].publishes
-            )
+        for mode in plugin_modes:
+            out[mode.name] = check_plugin(mode, conn, deadline_s=15.0)
         for name, table in (
             ("naive-sqlalchemy-pg", "naive_audit"),
             ("floor-raw-pg", "floor_audit"),
@@ -550,6 +597,9 @@ def collect_correctness(
         }
         out["plugin_instrument_cycles"] = rounds * len(plugin_modes)
         out["plugin_flush_failures"] = sum(m.flush_failures for m in plugin_modes)
+        out["plugin_threads_alive_when_uninstrument_returned"] = sum(
+            m.threads_alive_at_return for m in plugin_modes
+        )
         out["plugin_threads_left_after_uninstrument"] = sum(
             m.threads_left_running for m in plugin_modes
         )
@@ -562,38 +612,47 @@ def collect_correctness(
 def build_report(
     args: argparse.Namespace,
     seed: int,
+    results: dict[str, ModeSamples],
     stats: dict[str, dict[str, Any]],
+    targets: list[dict[str, Any]],
     correctness: dict[str, Any],
     wall_s: float,
 ) -> dict[str, Any]:
     return {
+        "benchmark": "publish_latency",
         "config": {
             "n": args.n,
             "rounds": args.rounds,
             "warmup": args.warmup,
             "seed": seed,
+            "modes": args.modes,
             "gc_disabled_in_timed_loops": args.disable_gc,
             "flush_interval": args.flush_interval,
             "broker": args.broker,
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "celery": celery.__version__,
-            "sqlalchemy": sqlalchemy.__version__,
-            "psycopg": psycopg.__version__,
-            "otel_celery_publish": otel_celery_publish.__version__,
+            **environment_info(),
         },
         "modes": stats,
         "ratios": {
-            f"{a}/{b} p50": ratio(stats, a, b)
-            for a, b in (
-                ("plugin-sync-pg", "floor-raw-pg"),
-                ("plugin-sync-pg", "naive-sqlalchemy-pg"),
-                ("naive-sqlalchemy-pg", "floor-raw-pg"),
-            )
+            f"{a}/{b}": {"p50": ratio(stats, a, b), "p99": ratio(stats, a, b, "p99_us")}
+            for a, b in RATIOS
         },
+        "targets": targets,
         "correctness": correctness,
+        "ok": correctness_ok(correctness, internal_errors=correctness["plugin_internal_errors"]),
         "wall_s": wall_s,
+        "samples_ns": {name: res.samples_ns for name, res in results.items()},
     }
+
+
+def correctness_ok(correctness: dict[str, Any], internal_errors: Sequence[str]) -> bool:
+    complete = all(v.get("complete", True) for v in correctness.values() if isinstance(v, dict))
+    return (
+        complete
+        and not internal_errors
+        and not correctness["plugin_flush_failures"]
+        and not correctness["plugin_threads_left_after_uninstrument"]
+        and not correctness["pg_connections_left_by_plugin"]
+    )
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -607,12 +666,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write results to this file")
     parser.add_argument("--seed", type=int, help="seed for the per-round mode order")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/11")
-    parser.add_argument("--pg-host", default="127.0.0.1")
-    parser.add_argument("--pg-port", type=int, default=5432)
-    parser.add_argument("--pg-user", default="postgres")
-    parser.add_argument("--pg-admin-db", default="test", help="database to CREATE DATABASE from")
+    add_pg_args(parser)
     parser.add_argument("--flush-interval", type=float, default=1.0, help="plugin batch interval")
     parser.add_argument("--disable-gc", action="store_true", help="gc off in every timed loop")
+    parser.add_argument(
+        "--fail-on-target", action="store_true", help="exit status 2 when a target is missed"
+    )
     parser.add_argument(
         "--modes",
         default=",".join(MODE_NAMES),
@@ -635,7 +694,7 @@ class Environment:
     dbname: str
     conninfo: str
     pg_url: str
-    sqlite_path: Path
+    tmpdir: Path
     queue_name: str
     publish: Callable[[], Any]
     drop_queue: Callable[[], None]
@@ -661,10 +720,6 @@ def build_app(broker: str) -> tuple[Celery, Any]:
 @contextlib.contextmanager
 def environment(args: argparse.Namespace) -> Iterator[Environment]:
     """Celery app, Redis queue, tracer provider, a fresh PostgreSQL database and a temp dir."""
-    pg = f"host={args.pg_host} port={args.pg_port} user={args.pg_user}"
-    admin_conninfo = f"{pg} dbname={args.pg_admin_db}"
-    dbname = f"bench_{uuid.uuid4().hex[:12]}"
-    pg_hostport = f"{args.pg_host}:{args.pg_port}"
     queue_name = f"bench.publish_latency.{uuid.uuid4().hex[:12]}"
     app, noop = build_app(args.broker)
     redis_client = redis.Redis.from_url(args.broker)
@@ -680,15 +735,14 @@ def environment(args: argparse.Namespace) -> Iterator[Environment]:
 
     with (
         tempfile.TemporaryDirectory(prefix="publish_latency_") as tmpdir,
-        psycopg.connect(admin_conninfo, autocommit=True, application_name=APP_NAME) as admin,
+        temp_database(args, "bench_publish") as db,
     ):
-        admin.execute(f'CREATE DATABASE "{dbname}"')
         try:
             yield Environment(
-                dbname=dbname,
-                conninfo=f"{pg} dbname={dbname}",
-                pg_url=f"postgresql+psycopg://{args.pg_user}@{pg_hostport}/{dbname}",
-                sqlite_path=Path(tmpdir) / "audit.db",
+                dbname=db.name,
+                conninfo=db.conninfo,
+                pg_url=db.url,
+                tmpdir=Path(tmpdir),
                 queue_name=queue_name,
                 publish=publish,
                 drop_queue=drop_queue,
@@ -707,7 +761,18 @@ def environment(args: argparse.Namespace) -> Iterator[Environment]:
             redis_client.close()
             tracer_provider.shutdown()
             app.close()
-            admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+def plugin_target(env: Environment, name: str) -> PluginTarget:
+    durability, database = PLUGIN_MODES[name]
+    slug = name.replace("-", "_")
+    spool_dir = env.tmpdir / "spool" / name
+    if database == "pg":
+        return PluginTarget(durability, database, env.pg_url, f"audit_{slug}", spool_dir)
+    path = env.tmpdir / f"{name}.db"
+    return PluginTarget(
+        durability, database, f"sqlite:///{path}", f"audit_{slug}", spool_dir, sqlite_path=path
+    )
 
 
 def make_modes(
@@ -717,24 +782,21 @@ def make_modes(
     factories: dict[str, Callable[[], Mode]] = {
         "bare": Mode,
         "otel-official": lambda: OfficialMode(env.tracer_provider),
-        "plugin-sync-pg": lambda: PluginMode(
-            "plugin-sync-pg", env.pg_url, env.tracer_provider, args.flush_interval
-        ),
-        "plugin-sync-sqlite": lambda: PluginMode(
-            "plugin-sync-sqlite",
-            f"sqlite:///{env.sqlite_path}",
-            env.tracer_provider,
-            args.flush_interval,
-        ),
         "naive-sqlalchemy-pg": lambda: NaiveSQLAlchemyMode(env.pg_url),
         "floor-raw-pg": lambda: FloorMode(env.conninfo),
     }
     modes = []
     for name in MODE_NAMES:
-        if name in args.modes:
+        if name not in args.modes:
+            continue
+        if name in PLUGIN_MODES:
+            mode: Mode = PluginMode(
+                name, plugin_target(env, name), env.tracer_provider, args.flush_interval
+            )
+        else:
             mode = factories[name]()
-            stack.callback(mode.close)
-            modes.append(mode)
+        stack.callback(mode.close)
+        modes.append(mode)
     return modes
 
 
@@ -766,32 +828,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
         results = run_rounds(modes, env.publish, env.drop_queue, args, random.Random(seed))
-        stats = summarize({m.name: results[m.name] for m in modes})
+        results = {m.name: results[m.name] for m in modes}
+        stats = summarize(results)
         env.tracer_provider.force_flush(10_000)
         correctness = collect_correctness(
-            modes,
-            env.exporter,
-            env.conninfo,
-            env.dbname,
-            env.sqlite_path,
-            internal_errors,
-            args.rounds,
+            modes, env.exporter, env.conninfo, env.dbname, internal_errors, args.rounds
         )
     wall = time.monotonic() - wall_start
+    targets = evaluate_targets(stats)
 
     print()
     print_table(stats)
+    print()
+    print_targets(targets)
     print()
     print("correctness (publishes include warm-ups):")
     for key, value in correctness.items():
         print(f"  {key}: {value}")
     print(f"\nwall time {wall:.1f}s")
     if args.json is not None:
-        report = build_report(args, seed, stats, correctness, wall)
+        report = build_report(args, seed, results, stats, targets, correctness, wall)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
-    ok = all(v.get("complete", True) for v in correctness.values() if isinstance(v, dict))
-    return 0 if ok and not internal_errors and not correctness["plugin_flush_failures"] else 1
+    if not correctness_ok(correctness, internal_errors):
+        return 1
+    if args.fail_on_target and any(t["verdict"] == "FAIL" for t in targets):
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
