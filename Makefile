@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PY_SRC := src tests benchmarks examples scripts/verify-stack
 
-.PHONY: venv lint test demo bench bench-audit clean stack-up verify-stack stack-down
+.PHONY: venv lint test demo bench bench-quick bench-audit clean stack-up verify-stack stack-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,13 @@ test: lint
 demo: venv
 	$(BIN)/python -m otel_celery_publish.demo
 
+# Every write-path benchmark (publish latency per mode, worker throughput, spool drain, RSS over
+# 1M publishes), ratios against bare Celery in the same run: ~20 min. bench-quick: a smoke run.
 bench: venv
-	$(BIN)/python benchmarks/publish_latency.py
+	$(BIN)/python benchmarks/run_all.py
+
+bench-quick: venv
+	$(BIN)/python benchmarks/run_all.py --quick
 
 # 10 million rows in a scratch PostgreSQL database: how fast `lost` and `stats` stay.
 bench-audit: venv
