@@ -143,6 +143,22 @@ def _ping(nodename: str) -> bool:
     return any(nodename in r for r in replies)
 
 
+def worker_telemetry_env(pg_url: str, receiver: Receiver) -> dict[str, str]:
+    """A worker subprocess's environment: audit rows to ``pg_url``, spans and metrics over
+    OTLP/HTTP to the in-test ``receiver``, both shipped quickly."""
+    return {
+        "OTEL_CELERY_PUBLISH_AUDIT_URL": pg_url,
+        "OTEL_CELERY_PUBLISH_FLUSH_INTERVAL": "0.1",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,  # type: ignore[attr-defined]
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_METRIC_EXPORT_INTERVAL": "500",
+    }
+
+
 @pytest.fixture
 def start_worker(
     pg_url: str, receiver: Receiver, queue_name: str, tmp_path: Path
@@ -170,16 +186,8 @@ def start_worker(
             "OCP_BROKER_URL": BROKER,
             "OCP_QUEUE": queue or queue_name,
             "OCP_SETUP_SDK": "0" if auto else "1",
-            "OTEL_CELERY_PUBLISH_AUDIT_URL": pg_url,
-            "OTEL_CELERY_PUBLISH_FLUSH_INTERVAL": "0.1",
             "OTEL_SERVICE_NAME": "ocp-test-worker",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,  # type: ignore[attr-defined]
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_METRICS_EXPORTER": "otlp",
-            "OTEL_LOGS_EXPORTER": "none",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-            "OTEL_METRIC_EXPORT_INTERVAL": "500",
+            **worker_telemetry_env(pg_url, receiver),
             **(env or {}),
         }
         with log.open("wb") as out:

@@ -23,7 +23,7 @@ import pytest
 import redis
 from sqlalchemy.engine import Engine
 
-from tests.conftest import audit_rows, wait_row
+from tests.conftest import audit_rows, wait_row, worker_telemetry_env
 from tests.otlp_receiver import Receiver, Span, wait_for
 from tests.test_deploy import OWN_METRIC_ATTRIBUTES
 
@@ -69,15 +69,7 @@ def stack(pg_url: str, receiver: Receiver, tmp_path: Path) -> Iterator[Stack]:
         "STACK_BROKER_URL": BROKER,
         "STACK_QUEUE": queue,
         "STACK_LOST_QUEUE": lost_queue,
-        "OTEL_CELERY_PUBLISH_AUDIT_URL": pg_url,
-        "OTEL_CELERY_PUBLISH_FLUSH_INTERVAL": "0.1",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,  # type: ignore[attr-defined]
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_METRICS_EXPORTER": "otlp",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "OTEL_METRIC_EXPORT_INTERVAL": "500",
+        **worker_telemetry_env(pg_url, receiver),
         # The official instrumentation is a dev dependency here (not in the image): keep it off.
         "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "celery",
     }
