@@ -38,7 +38,7 @@ logger = logging.getLogger("otel_celery_publish")
 Row = dict[str, Any]
 HEADER = struct.Struct("<II")
 SUFFIX = ".seg"
-READ_CHUNK = 4 << 20
+READ_CHUNK = 512 << 10  # per shipped batch: bounds the shipping thread's memory
 _ROW_TYPES = {
     ("datetime", "datetime"): datetime.datetime,
     ("datetime", "timezone"): datetime.timezone,

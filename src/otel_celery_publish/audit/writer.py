@@ -201,23 +201,26 @@ class Database:
         updates = sql.SQL(", ").join(
             sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in columns if c != "publish_id"
         )
+        table, stage = ident(self.table.name), ident(f"{self.table.name}_stage")
         raw = conn.connection.driver_connection
         assert raw is not None
         with raw.transaction(), raw.cursor() as cur:
+            # Once per connection (emptied at every commit): no catalogue churn per batch.
             cur.execute(
                 sql.SQL(
-                    "CREATE TEMP TABLE ocp_stage (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP"
-                ).format(ident(self.table.name))
+                    "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
+                    "ON COMMIT DELETE ROWS"
+                ).format(stage, table)
             )
-            with cur.copy(sql.SQL("COPY ocp_stage ({}) FROM STDIN").format(names)) as copy:
+            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, names)) as copy:
                 for row in rows:
                     values = prepared.params(row)
                     copy.write_row([values[c] for c in columns])
             cur.execute(
                 sql.SQL(
-                    "INSERT INTO {} ({}) SELECT {} FROM ocp_stage "
+                    "INSERT INTO {} ({}) SELECT {} FROM {} "
                     "ON CONFLICT (publish_id) DO UPDATE SET {}"
-                ).format(ident(self.table.name), names, names, updates)
+                ).format(table, names, names, stage, updates)
             )
 
     def dispose(self) -> None:
@@ -334,6 +337,9 @@ class AuditWriter:
             self.spool_dir, fsync=self.settings.spool_fsync, max_bytes=self.settings.spool_max_bytes
         )
         self._queue: queue.SimpleQueue[Row | _Flush] = queue.SimpleQueue()
+        # The thread sleeps on this, not on the queue: a put must not wake it (a thread switch
+        # per event costs the task or publish that made it), only flush/close and a backlog.
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._breaker_until = 0.0
         self._next_adopt = 0.0
@@ -387,6 +393,8 @@ class AuditWriter:
         if self._thread is None:
             self._start()
         self._queue.put(row)
+        if self._queue.qsize() > self.settings.max_pending:
+            self._wake.set()
 
     def _to_spool(self, row: Row) -> None:
         if self._thread is None:
@@ -403,6 +411,7 @@ class AuditWriter:
         if self._thread is None or not self._thread.is_alive():
             return not self._spool.pending()
         self._queue.put(msg)
+        self._wake.set()
         return msg.done.wait(timeout) and msg.ok
 
     def _observe_backlog(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
@@ -430,7 +439,9 @@ class AuditWriter:
         backoff = interval
         while True:
             waiters: list[_Flush] = []
-            self._drain(pending, waiters, max(0.0, next_ship - time.monotonic()))
+            self._wake.wait(max(0.0, next_ship - time.monotonic()))
+            self._wake.clear()
+            self._drain(pending, waiters)
             if waiters or time.monotonic() >= next_ship:
                 ok = self._ship(pending)
                 backoff = interval if ok else min(backoff * 2, RETRY_BACKOFF_MAX_S)
@@ -482,15 +493,13 @@ class AuditWriter:
                 return
             del pending[publish_id]
 
-    def _drain(self, pending: dict[str, Row], waiters: list[_Flush], timeout: float) -> None:
-        """Block up to ``timeout`` for the first item, then take whatever else is queued."""
-        get: Callable[[], Row | _Flush] = lambda: self._queue.get(timeout=timeout)  # noqa: E731
+    def _drain(self, pending: dict[str, Row], waiters: list[_Flush]) -> None:
+        """Take everything queued so far: records merge into ``pending``, flushes wait."""
         while True:
             try:
-                item = get()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            get = self._queue.get_nowait
             if isinstance(item, _Flush):
                 waiters.append(item)
                 continue
@@ -504,13 +513,11 @@ class AuditWriter:
                 dropped = next(iter(pending))
                 del pending[dropped]
                 self._dropped.add(1)
-                report(
-                    "audit queue full",
-                    OverflowError(
-                        f"more than {self.settings.max_pending} audit records waiting in memory "
-                        f"and the spool refuses them; dropped the oldest ({dropped})"
-                    ),
+                exc = OverflowError(
+                    f"more than {self.settings.max_pending} audit records waiting in memory "
+                    f"and the spool refuses them; dropped the oldest ({dropped})"
                 )
+                report("audit queue full", exc, str(exc))
 
 
 def drain_spool(settings: Settings) -> int:
