@@ -106,6 +106,7 @@ from _common import (
     print_targets,
     target,
     temp_database,
+    wait_until,
 )
 from celery import Celery, signals
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
@@ -492,16 +493,6 @@ def print_table(stats: dict[str, dict[str, Any]]) -> None:
 
 
 # -- correctness checks --------------------------------------------------------------------------
-
-
-def wait_until(check: Callable[[], bool], deadline_s: float, every_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        if check():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(every_s)
 
 
 def pg_counts(conn: psycopg.Connection[Any], table: str) -> int:
