@@ -12,11 +12,13 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import jsonschema
 from click.testing import CliRunner, Result
 from sqlalchemy import MetaData, Table, insert, select
 
+from otel_celery_publish.audit import _store
 from otel_celery_publish.audit.cli import audit
 from otel_celery_publish.audit.migrate import upgrade
 from otel_celery_publish.audit.schema import audit_table
@@ -26,8 +28,10 @@ from tests.app import app
 from tests.conftest import BIN, BROKER, ROOT
 
 UTC = dt.timezone.utc
-# "Now" for seeded tables: every seeded time is relative to it, and the API is called with it.
-NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+# "Now" for seeded tables: every seeded time is relative to it, the API is called with it and
+# the in-process CLI's clock is pinned to it. It is the real time the session started, so a
+# subprocess CLI (real clock) sees the seeded rows as just as old, give or take the session.
+NOW = dt.datetime.now(UTC).replace(microsecond=0)
 DOCS = ROOT / "docs" / "audit.md"
 
 
@@ -108,9 +112,14 @@ def cli(
 ) -> Result:
     """``celery -A tests.app audit ARGS`` in this process (click's CliRunner)."""
     extra = ["--audit-url", settings.audit_url, "--table", settings.table_name] if settings else []
-    return CliRunner().invoke(
-        audit, [*args, *extra], obj=SimpleNamespace(app=app_), input=input, catch_exceptions=False
-    )
+    with mock.patch.object(_store, "now_utc", lambda: NOW):
+        return CliRunner().invoke(
+            audit,
+            [*args, *extra],
+            obj=SimpleNamespace(app=app_),
+            input=input,
+            catch_exceptions=False,
+        )
 
 
 def celery_audit(

@@ -35,7 +35,8 @@ from sqlalchemy import (
     select,
 )
 
-from otel_celery_publish.audit._store import Db, filters, now_utc, open_db, utc
+from otel_celery_publish.audit import _store
+from otel_celery_publish.audit._store import Db, filters, open_db, utc
 from otel_celery_publish.config import Settings
 
 METRICS = ("broker_wait", "worker_wait", "run_time", "end_to_end")
@@ -104,7 +105,7 @@ def stats(
 ) -> Stats:
     """Latency percentiles per task name and queue, outcome counts and the ``slowest`` runs
     for attempts published in the window (``since`` may be a datetime or a time before now)."""
-    now = now or now_utc()
+    now = now or _store.now_utc()
     start = now - since if isinstance(since, dt.timedelta) else since
     end = until or now
     with open_db(settings) as db:

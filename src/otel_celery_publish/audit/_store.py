@@ -77,6 +77,8 @@ def utc(value: dt.datetime | None) -> dt.datetime | None:
 
 
 def now_utc() -> dt.datetime:
+    """The read side's clock: every default "now" of the API and the CLI is read from here
+    (call it as ``_store.now_utc()``, so a test can pin it)."""
     return dt.datetime.now(UTC)
 
 

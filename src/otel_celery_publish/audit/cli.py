@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from otel_celery_publish import audit as api
+from otel_celery_publish.audit import _store
 from otel_celery_publish.audit import migrate as migrations
 from otel_celery_publish.audit._replay import STATUSES, Status, dry_run_report
 from otel_celery_publish.audit._stats import METRICS
@@ -168,7 +169,7 @@ def _lost_filters(queue_flag: str) -> Callable[[F], F]:
 
 
 def _find_lost(settings: Settings, filters: dict[str, Any]) -> list[api.LostTask]:
-    now = dt.datetime.now(UTC)
+    now = _store.now_utc()
     until = filters["until"]
     return api.lost(
         settings=settings,
@@ -204,7 +205,7 @@ def lost(
     if as_json:
         _print_json(tasks)
         return
-    now = dt.datetime.now(UTC)
+    now = _store.now_utc()
     _print_table(
         ["TASK ID", "TASK", "QUEUE", "ATTEMPT", "REASON", "PUBLISHED (UTC)", "AGE", "WORKER"],
         [
@@ -353,7 +354,7 @@ def stats(
     slowest: int,
 ) -> None:
     """Latency percentiles per task and queue, outcome counts, slowest runs."""
-    now = dt.datetime.now(UTC)
+    now = _store.now_utc()
     result = api.stats(
         settings=_settings(audit_url, table),
         since=since,
@@ -411,7 +412,7 @@ def show(*, audit_url: str | None, table: str | None, as_json: bool, task_id: st
     if as_json:
         _print_json(history)
         return
-    now = dt.datetime.now(UTC).timestamp()
+    now = _store.now_utc().timestamp()
     for number, a in enumerate(history.attempts):
         if number:
             click.echo()
@@ -512,7 +513,7 @@ def prune(
 ) -> None:
     """Delete audit rows published before now minus --older-than, in short batches."""
     settings = _settings(audit_url, table)
-    now = dt.datetime.now(UTC)
+    now = _store.now_utc()
     if not yes:
         click.confirm(
             f"Delete every row of {settings.table_name!r} published before "
