@@ -112,7 +112,7 @@ def cli(
 ) -> Result:
     """``celery -A tests.app audit ARGS`` in this process (click's CliRunner)."""
     extra = ["--audit-url", settings.audit_url, "--table", settings.table_name] if settings else []
-    with mock.patch.object(_store, "now_utc", lambda: NOW):
+    with mock.patch.object(_store, "now_utc", return_value=NOW):
         return CliRunner().invoke(
             audit,
             [*args, *extra],
