@@ -74,11 +74,52 @@ def test_carrier_returns_propagation_fields() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("1.5", 1.5), (2, 2.0), (None, None), (True, None), ("soon", None), (object(), None)],
+    [
+        ("1764590400.5", 1764590400.5),
+        (1764590400, 1764590400.0),
+        (None, None),
+        (True, None),
+        ("soon", None),
+        (object(), None),
+        (0, None),  # the epoch: a 56-year queue wait
+        (-1.0, None),
+        ("inf", None),
+        ("nan", None),
+        (1e300, None),
+        (10**400, None),
+        ("9" * 5000, None),
+    ],
 )
-def test_as_float(value: Any, expected: float | None) -> None:
-    """as_float() converts numbers and numeric strings and returns None on bad input."""
-    assert hdr.as_float(value) == expected
+def test_as_timestamp(value: Any, expected: float | None) -> None:
+    """as_timestamp() takes plausible epoch seconds only: forged or broken values are None."""
+    assert hdr.as_timestamp(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789abcdef"),
+        ("2d7a4c1e-0f0e-4c3a-9a55-3b1c0d8e9f10", "2d7a4c1e-0f0e-4c3a-9a55-3b1c0d8e9f10"),
+        ("", None),
+        ("a" * 37, None),
+        ("'; DROP TABLE x; --", None),
+        ("ABCDEF", None),
+        (12345, None),
+        (None, None),
+    ],
+)
+def test_as_publish_id(value: Any, expected: str | None) -> None:
+    """as_publish_id() accepts our id format only."""
+    assert hdr.as_publish_id(value) == expected
+
+
+def test_as_text_bounds_and_strips_nul() -> None:
+    """as_text() drops NUL bytes and cuts long values with a visible marker."""
+    assert hdr.as_text("a\x00b") == "ab"
+    assert hdr.as_text(None) == ""
+    cut = hdr.as_text("x" * 10_000)
+    assert len(cut) == hdr.MAX_TEXT and cut.endswith(hdr.TRUNCATED)
+    assert hdr.as_text("x" * hdr.MAX_TEXT) == "x" * hdr.MAX_TEXT
 
 
 # -- timing --------------------------------------------------------------------------------
@@ -364,10 +405,11 @@ def test_identity_none_without_our_headers() -> None:
     assert identity({"id": "t1", "task": "x"}) is None
     assert identity({hdr.PUBLISH_ID: "p1", hdr.PUBLISHED_AT: "bad"}) is None
     row = identity(
-        {"id": "t1", "task": "x", "headers": {hdr.PUBLISH_ID: "p", hdr.PUBLISHED_AT: T0}}
+        {"id": "t1", "task": "x", "headers": {hdr.PUBLISH_ID: "abc123", hdr.PUBLISHED_AT: T0}}
     )
+    assert identity({hdr.PUBLISH_ID: "not-ours!", hdr.PUBLISHED_AT: T0}) is None
     assert row == {
-        "publish_id": "p",
+        "publish_id": "abc123",
         "task_id": "t1",
         "task_name": "x",
         "published_at": dt.datetime.fromtimestamp(T0, dt.timezone.utc),

@@ -54,14 +54,43 @@ def carrier(request: Any) -> dict[str, str]:
     return found
 
 
-def as_float(value: Any) -> float | None:
-    """A header timestamp as epoch seconds, or None when missing or malformed."""
+# Any broker client can send any header: every value we read back is checked and bounded
+# before it reaches a span or a row. Timestamps outside these years are forged or broken
+# (a 0 would be a 56-year queue wait, a huge one a span that never ends).
+MIN_TIMESTAMP = 946_684_800.0  # 2000-01-01
+MAX_TIMESTAMP = 4_102_444_800.0  # 2100-01-01
+# The widest value of an id or name column (task_id, task_name, ...): longer is cut, marked.
+MAX_TEXT = 255
+TRUNCATED = "…[truncated]"
+_HEX = frozenset("0123456789abcdef-")
+
+
+def as_timestamp(value: Any) -> float | None:
+    """A header timestamp as epoch seconds; None when missing, malformed, not finite or
+    outside :data:`MIN_TIMESTAMP` .. :data:`MAX_TIMESTAMP`."""
     if isinstance(value, bool) or value is None:
         return None
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if MIN_TIMESTAMP <= number <= MAX_TIMESTAMP else None
+
+
+def as_publish_id(value: Any) -> str | None:
+    """Our publish id (32 hex digits; a uuid's 36 characters accepted), else None."""
+    if not isinstance(value, str) or not 0 < len(value) <= 36 or not _HEX.issuperset(value):
+        return None
+    return value
+
+
+def as_text(value: Any, limit: int = MAX_TEXT) -> str:
+    """``value`` as a string of at most ``limit`` characters, without NUL bytes (which
+    PostgreSQL refuses in text); a longer one is cut and ends with :data:`TRUNCATED`."""
+    text = ("" if value is None else str(value)).replace("\x00", "")
+    if len(text) <= limit:
+        return text
+    return text[: limit - len(TRUNCATED)] + TRUNCATED
 
 
 def replay_links(headers: Mapping[str, Any]) -> list[trace.Link]:

@@ -100,7 +100,7 @@ class PublishHooks:
         # for a primary key (128 bits from a generator seeded from urandom, reseeded at fork).
         publish_id = f"{random.getrandbits(128):032x}"
         attributes["celery.audit.publish_id"] = publish_id
-        replay_of = hdr.lookup(msg_headers, hdr.REPLAY_OF)
+        replay_of = hdr.as_publish_id(hdr.lookup(msg_headers, hdr.REPLAY_OF))
         if replay_of:
             attributes["celery.audit.replay_of"] = str(replay_of)
         span = self._tracer.start_span(

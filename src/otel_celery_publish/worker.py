@@ -48,14 +48,14 @@ def identity(source: Any) -> Row | None:
 
     None when the publisher did not stamp the message (it was not instrumented by us).
     """
-    publish_id = hdr.lookup(source, hdr.PUBLISH_ID)
-    published_at = hdr.as_float(hdr.lookup(source, hdr.PUBLISHED_AT))
-    if not publish_id or published_at is None:
+    publish_id = hdr.as_publish_id(hdr.lookup(source, hdr.PUBLISH_ID))
+    published_at = hdr.as_timestamp(hdr.lookup(source, hdr.PUBLISHED_AT))
+    if publish_id is None or published_at is None:
         return None
     return {
-        "publish_id": str(publish_id),
-        "task_id": str(hdr.lookup(source, "id")),
-        "task_name": str(hdr.lookup(source, "task")),
+        "publish_id": publish_id,
+        "task_id": hdr.as_text(hdr.lookup(source, "id")),
+        "task_name": hdr.as_text(hdr.lookup(source, "task")),
         "published_at": epoch_to_dt(published_at),
     }
 
@@ -206,7 +206,7 @@ class WorkerHooks:
             "messaging.message.id": task_id,
             "celery.task.name": name,
         }
-        published_at = hdr.as_float(hdr.lookup(req, hdr.PUBLISHED_AT))
+        published_at = hdr.as_timestamp(hdr.lookup(req, hdr.PUBLISHED_AT))
         if published_at is not None:
             self._wait_spans(parent, req, name, attributes, published_at=published_at, now=now)
         attributes |= {
@@ -242,8 +242,8 @@ class WorkerHooks:
         """Record the queue wait as spans with real start/end times, children of the producer."""
         waits = queue_waits(
             published_at,
-            hdr.as_float(hdr.lookup(req, hdr.ETA)),
-            hdr.as_float(hdr.lookup(req, hdr.RECEIVED_AT)),
+            hdr.as_timestamp(hdr.lookup(req, hdr.ETA)),
+            hdr.as_timestamp(hdr.lookup(req, hdr.RECEIVED_AT)),
             now,
         )
         wait_attrs = dict(attributes)
