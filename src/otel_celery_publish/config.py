@@ -57,6 +57,7 @@ class Settings:
     spool_fsync: bool = False
     spool_max_bytes: int = 1_073_741_824
     db_timeout: float = 2.0
+    heartbeat_interval: float = 30.0
     trace_url: str = ""
 
     @classmethod
