@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PY_SRC := src tests benchmarks examples scripts/verify-stack
 
-.PHONY: venv lint test demo bench bench-quick bench-audit clean stack-up verify-stack stack-down
+.PHONY: venv lint test demo bench bench-quick bench-audit soak reliability clean stack-up verify-stack stack-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ bench-quick: venv
 # 10 million rows in a scratch PostgreSQL database: how fast `lost` and `stats` stay.
 bench-audit: venv
 	$(BIN)/python benchmarks/audit_scale.py
+
+# 10 minutes of publish + worker load with a 30 s database hang and a 30 s outage (not in CI).
+soak: venv
+	$(BIN)/python benchmarks/soak.py
+
+# The fault, bad-input and security suite; rewrites the results table in docs/RELIABILITY.md.
+reliability: venv
+	$(BIN)/python benchmarks/reliability_report.py
 
 # The real stack (needs Docker): collector, Jaeger, Tempo, Prometheus, Grafana, a demo worker and
 # producer. verify-stack checks a fresh trace end to end and the audit row.
