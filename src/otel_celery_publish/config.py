@@ -1,11 +1,21 @@
-"""Settings: every knob in one frozen dataclass, read from ``OTEL_CELERY_PUBLISH_*`` or kwargs."""
+"""Settings: every knob in one frozen dataclass, read from ``OTEL_CELERY_PUBLISH_*`` or kwargs.
+
+Every value is checked once, when the settings are built (``instrument()``, ``Settings.from_env``,
+``Settings(...)``, the ``audit`` commands): a bad one raises :class:`SettingsError`, one line
+naming the variable (``OTEL_CELERY_PUBLISH_<NAME>``) or the keyword and what it accepts. Nothing
+is checked on the publish path.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
+import re
+import string
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 Durability = Literal["sync", "spool", "async"]
@@ -15,6 +25,42 @@ ENV_PREFIX = "OTEL_CELERY_PUBLISH_"
 DEFAULT_REDACT_KEYS = frozenset(
     {"password", "passwd", "secret", "token", "api_key", "apikey", "authorization", "credit_card"}
 )
+# Keywords ``instrument()`` hands to ``from_env`` that are not settings: the providers (used by
+# the instrumentor; a distro may pass the logger/event ones to every instrumentor) and
+# BaseInstrumentor's own switches, should a caller reach ``_instrument`` without it popping them.
+PASS_THROUGH_KEYWORDS: tuple[str, ...] = (
+    "tracer_provider",
+    "meter_provider",
+    "logger_provider",
+    "event_logger_provider",
+    "skip_dep_check",
+    "raise_exception_on_conflict",
+)
+# PostgreSQL truncates longer identifiers (NAMEDATALEN - 1 bytes): two tables would then share
+# an index or version-table name.
+MAX_IDENTIFIER_BYTES = 63
+TABLE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_SECONDS = 3600.0
+MAX_COUNT = 2**63 - 1
+TRUE = frozenset({"1", "true", "yes", "on"})
+FALSE = frozenset({"0", "false", "no", "off"})
+# The drivers the writer speaks: psycopg 3 (COPY, prepared statements) and the stdlib sqlite3.
+DRIVERS = {"postgresql": frozenset({"psycopg"}), "sqlite": frozenset({"pysqlite"})}
+
+
+class SettingsError(ValueError):
+    """An invalid setting, said in one line: ``"<source> <problem>"``.
+
+    ``field`` is the Settings field, ``source`` the variable or keyword the value came from
+    (``OTEL_CELERY_PUBLISH_DB_TIMEOUT``, ``keyword db_timeout``), ``problem`` what is wrong with
+    it (``must be ...; got ...``), so a caller such as the CLI can name its own option instead.
+    """
+
+    def __init__(self, source: str, problem: str, *, field: str) -> None:
+        super().__init__(f"{source} {problem}")
+        self.source = source
+        self.problem = problem
+        self.field = field
 
 
 def default_spool_dir() -> str:
@@ -29,18 +75,58 @@ def default_spool_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"otel-celery-publish-{os.getuid()}", "spool")
 
 
-def _bool(value: str) -> bool:
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+def table_identifiers(table_name: str) -> tuple[str, ...]:
+    """Every database identifier derived from the audit table's name: its indexes (schema.py),
+    the COPY staging table (writer.py), the Alembic version table (migrate.version_table) and
+    the primary key Alembic names after it, the workers' heartbeat table, and the primary keys
+    PostgreSQL names itself. Kept here because config must not import the audit package (which
+    imports config); a test checks them against the migrations' DDL."""
+    return (
+        table_name,
+        f"{table_name}_pkey",
+        f"ix_{table_name}_published_at",
+        f"ix_{table_name}_task_id",
+        f"ix_{table_name}_unfinished",
+        f"ix_{table_name}_replay_of",
+        f"{table_name}_stage",
+        f"{table_name}_alembic_version",
+        f"{table_name}_alembic_version_pkc",
+        f"{table_name}_workers",
+        f"{table_name}_workers_pkey",
+    )
 
 
-def _keys(value: str | Any) -> frozenset[str]:
-    items = value.split(",") if isinstance(value, str) else value
-    return frozenset(k.strip().lower() for k in items if k.strip())
+def check_table_name(name: str, source: str = "keyword table_name") -> str:
+    """``name`` if it can name the audit table, else :class:`SettingsError` naming ``source``
+    (for callers that take a table name without a Settings, such as the migrations)."""
+    problem = _table_problem(name)
+    if problem:
+        raise SettingsError(source, f"must be {problem}; got {_shown(name)}", field="table_name")
+    return name
+
+
+def _table_problem(name: Any) -> str | None:
+    """What a valid table name is, if ``name`` is not one."""
+    if not isinstance(name, str) or not TABLE_NAME_RE.fullmatch(name):
+        return "a table name of ASCII letters, digits and underscores, not starting with a digit"
+    if name.lower().startswith("sqlite_"):
+        return "a table name not starting with 'sqlite_' (reserved by SQLite)"
+    longest = max(table_identifiers(name), key=len)
+    if len(longest) > MAX_IDENTIFIER_BYTES:
+        limit = MAX_IDENTIFIER_BYTES - (len(longest) - len(name))
+        return (
+            f"at most {limit} characters long (the derived name {longest!r} must fit "
+            f"PostgreSQL's {MAX_IDENTIFIER_BYTES}-byte identifier limit)"
+        )
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Resolved configuration: field ``x`` is env var ``OTEL_CELERY_PUBLISH_X`` and kwarg ``x``."""
+    """Resolved configuration: field ``x`` is env var ``OTEL_CELERY_PUBLISH_X`` and kwarg ``x``.
+
+    Every field is validated on construction (see :class:`SettingsError`).
+    """
 
     audit_url: str = "sqlite:///celery_audit.db"
     durability: Durability = "sync"
@@ -60,36 +146,240 @@ class Settings:
     heartbeat_interval: float = 30.0
     trace_url: str = ""
 
+    def __post_init__(self) -> None:
+        # Normalises too (a list of redact keys becomes a frozenset, "2" seconds 2.0), so a
+        # Settings built directly holds the same types as one from from_env.
+        for field in dataclasses.fields(self):
+            value = _parse(field.name, getattr(self, field.name), f"keyword {field.name}")
+            object.__setattr__(self, field.name, value)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Build from the environment, then apply non-None ``overrides`` (instrument() kwargs)."""
+        """Build from the environment, then apply non-None ``overrides`` (instrument() kwargs).
+
+        An empty variable counts as unset. Keywords other than the fields and
+        :data:`PASS_THROUGH_KEYWORDS` are refused, so a misspelt one is not silently ignored.
+        """
         environ = os.environ if environ is None else environ
+        names = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(names) - set(PASS_THROUGH_KEYWORDS))
+        if unknown:
+            raise _unknown_keyword(unknown[0], names)
         values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            raw = environ.get(ENV_PREFIX + field.name.upper())
-            if overrides.get(field.name) is not None:
-                raw = overrides[field.name]
-            if raw is None:
+        for name in names:
+            if overrides.get(name) is not None:
+                values[name] = _parse(name, overrides[name], f"keyword {name}")
                 continue
-            values[field.name] = _convert(field.name, raw)
-        if values.get("durability", "sync") not in DURABILITIES:
-            raise ValueError(
-                f"{ENV_PREFIX}DURABILITY must be one of {', '.join(DURABILITIES)}, "
-                f"got {values['durability']!r}"
-            )
+            variable = ENV_PREFIX + name.upper()
+            raw = environ.get(variable)
+            if raw is not None and raw.strip():
+                values[name] = _parse(name, raw, variable)
         return cls(**values)
 
 
-def _convert(name: str, raw: Any) -> Any:
-    default = getattr(Settings, name, "")  # "" for fields with a default factory
+def _unknown_keyword(name: str, fields: list[str]) -> SettingsError:
+    valid = [*fields, *PASS_THROUGH_KEYWORDS]
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return SettingsError(
+        f"keyword {name}", f"is not a setting{hint}; valid: {', '.join(valid)}", field=name
+    )
+
+
+# -- parsers: raw value (a string from the environment, or a kwarg) -> typed value ------------
+
+
+class _Invalid(Exception):
+    """Raised by a parser; the rule's ``accepted`` text (or this message) says what is valid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    accepted: str
+    parse: Callable[[Any], Any]
+
+
+def _parse(name: str, raw: Any, source: str) -> Any:
+    rule = _RULES[name]
+    try:
+        return rule.parse(raw)
+    except _Invalid as exc:
+        accepted = str(exc) or rule.accepted
+        shown = _shown_url(raw) if name == "audit_url" else _shown(raw)
+        raise SettingsError(source, f"must be {accepted}; got {shown}", field=name) from None
+
+
+def _shown(raw: Any) -> str:
+    text = repr(raw)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _shown_url(raw: Any) -> str:
+    """The URL with its password hidden; not at all when it does not parse (it might hold one
+    where the parser did not expect it)."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415 - only on the error path
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
     if not isinstance(raw, str):
-        return _keys(raw) if isinstance(default, frozenset) else raw
-    if isinstance(default, bool):
-        return _bool(raw)
-    if isinstance(default, frozenset):
-        return _keys(raw)
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
-    return raw
+        return _shown(raw)
+    try:
+        return _shown(make_url(raw.strip()).render_as_string(hide_password=True))
+    except (SQLAlchemyError, ValueError):
+        return "a value that is not a URL"
+
+
+def _seconds(low: float, high: float = MAX_SECONDS) -> _Rule:
+    def parse(raw: Any) -> float:
+        if isinstance(raw, str):
+            try:
+                value = float(raw.strip())
+            except ValueError:
+                raise _Invalid from None
+        elif isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            value = float(raw)
+        else:
+            raise _Invalid
+        if not (math.isfinite(value) and low <= value <= high):
+            raise _Invalid
+        return value
+
+    return _Rule(f"a number of seconds from {low:g} to {high:g}", parse)
+
+
+def _count(low: int, high: int = MAX_COUNT) -> _Rule:
+    def parse(raw: Any) -> int:
+        if isinstance(raw, str):
+            try:
+                value = int(raw.strip())
+            except ValueError:
+                raise _Invalid from None
+        elif isinstance(raw, int) and not isinstance(raw, bool):
+            value = raw
+        else:
+            raise _Invalid
+        if not low <= value <= high:
+            raise _Invalid
+        return value
+
+    accepted = (
+        f"a whole number from {low} to {high}" if high < MAX_COUNT else f"a whole number >= {low}"
+    )
+    return _Rule(accepted, parse)
+
+
+def _flag(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    text = raw.strip().lower() if isinstance(raw, str) else None
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise _Invalid
+
+
+def _durability(raw: Any) -> str:
+    text = raw.strip().lower() if isinstance(raw, str) else None
+    if text not in DURABILITIES:
+        raise _Invalid
+    return text
+
+
+def _audit_url(raw: Any) -> str:
+    from sqlalchemy.engine import make_url  # noqa: PLC0415 - only when a URL is checked
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
+    if not isinstance(raw, str) or "\x00" in raw:
+        raise _Invalid
+    try:
+        url = make_url(raw.strip())
+        backend = url.get_backend_name()
+        # Loads the dialect for a bare "postgresql://" (its default driver), never the DBAPI.
+        driver = url.get_driver_name() if backend in DRIVERS else ""
+    except (SQLAlchemyError, ValueError):  # unparseable, bad port, unknown driver plugin
+        raise _Invalid from None
+    if driver not in DRIVERS.get(backend, ()):
+        raise _Invalid
+    return raw.strip()
+
+
+def _table_name(raw: Any) -> str:
+    problem = _table_problem(raw)
+    if problem:
+        raise _Invalid(problem)
+    return str(raw)
+
+
+def _spool_dir(raw: Any) -> str:
+    try:
+        path = os.fspath(raw)
+    except TypeError:
+        raise _Invalid from None
+    if not isinstance(path, str) or "\x00" in path or not os.path.isabs(path.strip()):
+        raise _Invalid
+    return path.strip()
+
+
+def _trace_url(raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise _Invalid
+    text = raw.strip()
+    if not text:
+        return ""
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError:  # an unmatched brace
+        raise _Invalid from None
+    fields = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
+    if {name for name, _, _ in fields} != {"trace_id"} or any(s or c for _, s, c in fields):
+        raise _Invalid
+    return text
+
+
+_KEY_RE = re.compile(r"[^\s,]+")
+
+
+def _redact_keys(raw: Any) -> frozenset[str]:
+    if isinstance(raw, str):
+        items: Iterable[Any] = raw.split(",")
+    elif isinstance(raw, Iterable):
+        items = list(raw)
+        if not all(isinstance(k, str) for k in items):
+            raise _Invalid
+    else:
+        raise _Invalid
+    keys = frozenset(k.strip().lower() for k in items if k.strip())
+    if not keys or not all(_KEY_RE.fullmatch(k) for k in keys):
+        raise _Invalid
+    return keys
+
+
+_RULES: dict[str, _Rule] = {
+    "audit_url": _Rule(
+        "a SQLAlchemy URL postgresql+psycopg://user@host/db or sqlite:///path", _audit_url
+    ),
+    "durability": _Rule("one of sync, spool, async", _durability),
+    "use_links": _Rule("a boolean: 1/0, true/false, yes/no, on/off", _flag),
+    "redact_keys": _Rule(
+        "comma-separated key names (at least one, no spaces inside a name)", _redact_keys
+    ),
+    "redact_payload": _Rule("a boolean: 1/0, true/false, yes/no, on/off", _flag),
+    "create_schema": _Rule("a boolean: 1/0, true/false, yes/no, on/off", _flag),
+    "table_name": _Rule("a table name", _table_name),
+    "flush_interval": _seconds(0.01),
+    "max_pending": _count(1),
+    "repr_maxsize": _count(1),
+    "max_payload_bytes": _count(0),
+    "spool_dir": _Rule("an absolute directory path", _spool_dir),
+    "spool_fsync": _Rule("a boolean: 1/0, true/false, yes/no, on/off", _flag),
+    "spool_max_bytes": _count(1),
+    "db_timeout": _seconds(0.05),
+    "heartbeat_interval": _seconds(0.1),
+    "trace_url": _Rule(
+        "empty or a URL template whose only field is {trace_id}, e.g. "
+        "http://jaeger:16686/trace/{trace_id}",
+        _trace_url,
+    ),
+}

@@ -1,8 +1,10 @@
 """``celery -A proj audit ...``: a thin click layer over :mod:`otel_celery_publish.audit`.
 
 Parses, calls the API, prints: a table by default, the documented JSON with ``--json``
-(docs/audit.md). Errors are one line on stderr and exit code 1; so is a replay that did not send
-everything it was asked to. The Celery app (``-A``) is only needed by ``replay`` and
+(docs/audit.md). Every error is one ``Error: ...`` line on stderr, never a traceback: exit code 2
+for a usage error (an option out of range, a bad ``OTEL_CELERY_PUBLISH_*`` variable, named),
+1 for a runtime one (database unreachable, table not migrated...) and for a replay that did not
+send everything it was asked to. The Celery app (``-A``) is only needed by ``replay`` and
 ``lost --check-results``.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -23,13 +26,23 @@ from otel_celery_publish.audit import _store
 from otel_celery_publish.audit import migrate as migrations
 from otel_celery_publish.audit._replay import STATUSES, Status, dry_run_report
 from otel_celery_publish.audit._stats import METRICS
-from otel_celery_publish.config import Settings
+from otel_celery_publish.config import Settings, SettingsError
 from otel_celery_publish.timeline import Bar, duration, render
 
 F = TypeVar("F", bound=Callable[..., Any])
 UTC = dt.timezone.utc
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+# Longer durations reach before the year 1 of a datetime (OverflowError), and a typo such as
+# 3000000d is then a clear usage error rather than a traceback.
+MAX_DURATION = dt.timedelta(days=36525)
+DURATION_HELP = "a duration from 0 to 100 years, like 90s, 10m, 1h30m, 30d, 2w (bare: seconds)"
+# Bounds of the counting options: past them a query holds the table or the memory too long.
+MAX_LIMIT = 1_000_000
+MAX_SLOWEST = 1000
+MAX_BATCH_SIZE = 100_000
+MIN_RATE, MAX_RATE = 0.001, 100_000.0
+MAX_NAME = 255  # the audit table's task id, task name and queue columns
 REASONS = {
     "not_sent": "publish did not complete",
     "not_received": "sent, never received",
@@ -41,25 +54,48 @@ FAILED_OUTCOMES = frozenset({"failed", "revoked", "rejected"})
 
 
 def parse_duration(text: str) -> dt.timedelta:
-    """``90s``, ``10m``, ``1h30m``, ``30d``, ``2w``; a bare number is seconds."""
+    """``90s``, ``10m``, ``1h30m``, ``30d``, ``2w``; a bare number is seconds; 0 to 100 years."""
     text = text.strip().lower()
     try:
-        return dt.timedelta(seconds=float(text))
+        seconds = float(text)
     except ValueError:
-        pass
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise click.BadParameter(f"{text!r} is not a duration like 90s, 10m, 1h30m, 30d")
-    return dt.timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+        parts = _DURATION.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise click.BadParameter(f"{text!r} is not {DURATION_HELP}") from None
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not (math.isfinite(seconds) and 0 <= seconds <= MAX_DURATION.total_seconds()):
+        raise click.BadParameter(f"{text!r} is not {DURATION_HELP}")
+    return dt.timedelta(seconds=seconds)
 
 
 def parse_when(text: str) -> dt.datetime | dt.timedelta:
-    """A time: ISO-8601 (naive means UTC), or a duration meaning that long ago."""
+    """A time: ISO-8601 (naive means UTC; returned in UTC), or a duration meaning that long ago."""
     try:
         parsed = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         return parse_duration(text)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before the year 1 in UTC
+        raise click.BadParameter(f"{text.strip()!r} is out of range in UTC") from None
+
+
+def resolve_window(
+    since: dt.datetime | dt.timedelta,
+    until: dt.datetime | dt.timedelta | None,
+    now: dt.datetime,
+) -> tuple[dt.datetime, dt.datetime | None]:
+    """``--since``/``--until`` as times (a duration is that long before ``now``): ``since`` not
+    in the future, ``until`` after ``since``; else a usage error naming the option."""
+    start = now - since if isinstance(since, dt.timedelta) else since
+    end = now - until if isinstance(until, dt.timedelta) else until
+    if start > now:
+        raise click.BadParameter(f"{_time(start)} is in the future", param_hint="'--since'")
+    if end is not None and end <= start:
+        raise click.BadParameter(
+            f"{_time(end)} is not after --since ({_time(start)})", param_hint="'--until'"
+        )
+    return start, end
 
 
 def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
@@ -70,14 +106,52 @@ def _when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> An
     return None if value is None else parse_when(value)
 
 
+def _names(_ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A task id, task name glob or queue (or a tuple of them): 1 to 255 printable characters."""
+    for text in value if isinstance(value, tuple) else () if value is None else (value,):
+        if not text or len(text) > MAX_NAME or not text.isprintable():
+            raise click.BadParameter(
+                f"{_short(text)} is not 1 to {MAX_NAME} printable characters", param=param
+            )
+    return value
+
+
+class FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses ``nan`` (which compares false with both bounds)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class UsageLine(click.UsageError):
+    """A usage error printed as one ``Error:`` line (exit code 2), without the usage text."""
+
+    def show(self, file: Any = None) -> None:
+        click.ClickException.show(self, file)
+
+
 class _AuditGroup(click.Group):
-    """Every subcommand's operator-facing failure becomes one line and exit code 1."""
+    """Every subcommand's failure becomes one line: exit code 2 for a usage error (click's own
+    and a bad setting), 1 for an operator-facing runtime failure (:class:`api.AuditError`)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except UsageLine:
+            raise
+        except click.UsageError as exc:
+            raise UsageLine(_one_line(exc.format_message()), exc.ctx) from None
+        except SettingsError as exc:
+            raise UsageLine(_one_line(str(exc)), ctx) from None
         except api.AuditError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_one_line(str(exc))) from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 @click.group(cls=_AuditGroup)
@@ -91,7 +165,9 @@ def audit() -> None:
 
 def _common(func: F) -> F:
     options = [
-        click.option("--audit-url", help="SQLAlchemy URL of the audit database."),
+        click.option(
+            "--audit-url", help="SQLAlchemy URL of the audit database (postgresql or sqlite)."
+        ),
         click.option("--table", help="Audit table name."),
         click.option("--json", "as_json", is_flag=True, help="JSON output (docs/audit.md)."),
     ]
@@ -100,11 +176,29 @@ def _common(func: F) -> F:
     return func
 
 
-def _settings(audit_url: str | None, table: str | None) -> Settings:
+_OPTIONS = {"audit_url": "'--audit-url'", "table_name": "'--table'"}
+
+
+def _settings(audit_url: str | None, table: str | None, *, driver: bool = True) -> Settings:
+    """The environment's settings with the options applied. A bad option is a usage error
+    naming it, a bad variable one naming the variable; ``driver``: the database driver must
+    be importable (not for ``migrate --sql``, which connects nowhere)."""
     try:
-        return Settings.from_env(audit_url=audit_url, table_name=table)
-    except ValueError as exc:
-        raise click.ClickException(f"invalid OTEL_CELERY_PUBLISH_* setting: {exc}") from None
+        settings = Settings.from_env(audit_url=audit_url, table_name=table)
+    except SettingsError as exc:
+        if exc.source.startswith("keyword ") and exc.field in _OPTIONS:
+            raise click.BadParameter(exc.problem, param_hint=_OPTIONS[exc.field]) from None
+        raise
+    if driver:
+        from sqlalchemy.engine import make_url  # noqa: PLC0415 - the CLI's own check
+
+        try:
+            make_url(settings.audit_url).get_dialect().import_dbapi()
+        except ImportError as exc:
+            raise api.AuditError(
+                f"the driver for {_store.safe_url(settings.audit_url)} is not installed: {exc}"
+            ) from None
+    return settings
 
 
 def _app(ctx: click.Context) -> Any:
@@ -119,7 +213,7 @@ def _app(ctx: click.Context) -> Any:
 @click.option("--sql", is_flag=True, help="Print the DDL for an empty database; run nothing.")
 def migrate(*, audit_url: str | None, table: str | None, as_json: bool, sql: bool) -> None:
     """Create, adopt or upgrade the audit table (Alembic; own version table)."""
-    settings = _settings(audit_url, table)
+    settings = _settings(audit_url, table, driver=not sql)
     if sql:
         if as_json:
             raise click.UsageError("--sql prints SQL; it has no --json form")
@@ -157,9 +251,17 @@ def _lost_filters(queue_flag: str) -> Callable[[F], F]:
                 help="Published at or after (ISO time, or duration ago).",
             ),
             click.option("--until", callback=_when, help="Published before (ISO time or ago)."),
-            click.option("--task", help="Task name glob, e.g. 'proj.email.*'."),
-            click.option(queue_flag, "queue_filter", help="Only tasks routed to this queue."),
-            click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True),
+            click.option("--task", callback=_names, help="Task name glob, e.g. 'proj.email.*'."),
+            click.option(
+                queue_flag, "queue_filter", callback=_names, help="Only tasks routed to this queue."
+            ),
+            click.option(
+                "--limit",
+                type=click.IntRange(1, MAX_LIMIT),
+                default=100,
+                show_default=True,
+                help="At most this many tasks.",
+            ),
         ]
         for option in reversed(options):
             func = option(func)
@@ -170,12 +272,12 @@ def _lost_filters(queue_flag: str) -> Callable[[F], F]:
 
 def _find_lost(settings: Settings, filters: dict[str, Any]) -> list[api.LostTask]:
     now = _store.now_utc()
-    until = filters["until"]
+    since, until = resolve_window(filters["since"], filters["until"], now)
     return api.lost(
         settings=settings,
         older_than=filters["older_than"],
-        since=filters["since"],
-        until=now - until if isinstance(until, dt.timedelta) else until,
+        since=since,
+        until=until,
         task=filters["task"],
         queue=filters["queue_filter"],
         limit=filters["limit"],
@@ -231,10 +333,12 @@ def lost(
 
 @audit.command()
 @_common
-@click.argument("task_ids", nargs=-1)
+@click.argument("task_ids", nargs=-1, callback=_names)
 @click.option("--lost", "from_lost", is_flag=True, help="Replay what `lost` reports.")
 @_lost_filters("--from-queue")
-@click.option("--queue", help="Route the replays to this queue instead of the original one.")
+@click.option(
+    "--queue", callback=_names, help="Route the replays to this queue instead of the original one."
+)
 @click.option("--keep-id", is_flag=True, help="Re-send under the original task id.")
 @click.option("--force", is_flag=True, help="Also replay succeeded, replayed or expired tasks.")
 @click.option("--allow-unregistered", is_flag=True, help="Send task names this app lacks.")
@@ -242,7 +346,9 @@ def lost(
 @click.option("--dry-run", is_flag=True, help="Show what would be sent; send nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option(
-    "--rate", type=click.FloatRange(min=0, min_open=True), help="At most this many per second."
+    "--rate",
+    type=FiniteRange(MIN_RATE, MAX_RATE),
+    help=f"At most this many per second ({MIN_RATE:g} to {MAX_RATE:g}).",
 )
 @click.pass_context
 def replay(
@@ -339,9 +445,9 @@ def _print_replays(report: api.ReplayReport, err: bool = False) -> None:
 @_common
 @click.option("--since", callback=_when, default="1h", show_default=True, help="ISO time or ago.")
 @click.option("--until", callback=_when, help="ISO time or ago (default: now).")
-@click.option("--task", help="Task name glob.")
-@click.option("--queue", help="Only this queue.")
-@click.option("--slowest", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--task", callback=_names, help="Task name glob.")
+@click.option("--queue", callback=_names, help="Only this queue.")
+@click.option("--slowest", type=click.IntRange(0, MAX_SLOWEST), default=10, show_default=True)
 def stats(
     *,
     audit_url: str | None,
@@ -354,11 +460,13 @@ def stats(
     slowest: int,
 ) -> None:
     """Latency percentiles per task and queue, outcome counts, slowest runs."""
+    settings = _settings(audit_url, table)
     now = _store.now_utc()
+    start, end = resolve_window(since, until, now)
     result = api.stats(
-        settings=_settings(audit_url, table),
-        since=since,
-        until=now - until if isinstance(until, dt.timedelta) else until,
+        settings=settings,
+        since=start,
+        until=end,
         task=task,
         queue=queue,
         slowest=slowest,
@@ -405,7 +513,7 @@ def stats(
 
 @audit.command()
 @_common
-@click.argument("task_id")
+@click.argument("task_id", callback=_names)
 def show(*, audit_url: str | None, table: str | None, as_json: bool, task_id: str) -> None:
     """Every attempt and replay of TASK_ID: lifecycle, arguments, trace, timeline."""
     history = api.show(task_id, settings=_settings(audit_url, table))
@@ -500,7 +608,9 @@ def lifecycle_bars(a: api.Attempt) -> list[Bar]:
 @audit.command()
 @_common
 @click.option("--older-than", callback=_duration, default="30d", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=5000, show_default=True)
+@click.option(
+    "--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=5000, show_default=True
+)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def prune(
     *,
@@ -564,7 +674,14 @@ def _print_json(value: Any) -> None:
 
 
 def _time(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    # isoformat, not strftime: %Y does not pad the years before 1000.
+    utc = None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+    return None if utc is None else utc.isoformat(" ", "milliseconds")
+
+
+def _short(text: str, width: int = 40) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= width else shown[: width - 4] + "...'"
 
 
 def _clip(text: str | None, width: int = 40) -> str | None:
