@@ -21,8 +21,8 @@ row's lifecycle (received, started, finished with outcome) and two histograms. S
 every setting.
 """
 
-from otel_celery_publish.config import Settings
+from otel_celery_publish.config import Settings, SettingsError
 from otel_celery_publish.instrumentor import CeleryPublishInstrumentor
 from otel_celery_publish.version import __version__
 
-__all__ = ["CeleryPublishInstrumentor", "Settings", "__version__"]
+__all__ = ["CeleryPublishInstrumentor", "Settings", "SettingsError", "__version__"]
