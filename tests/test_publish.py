@@ -147,3 +147,24 @@ def test_instrument_and_uninstrument_twice(pg_url: str, pg: Any, queue_name: str
         off = add.apply_async((1, 1), queue=queue_name)
         assert len(audit_rows(pg, on.id)) == 1
         assert audit_rows(pg, off.id) == []
+
+
+def test_per_call_serializer_is_recorded_and_the_row_replayable(
+    publisher: Publisher, pg: Any, queue_name: str
+) -> None:
+    """apply_async(serializer=...) is what the row records and encodes its payload with."""
+    when = {"at": (2026, 1, 2)}
+    result = add.apply_async(({1, 2}, when), queue=queue_name, serializer="pickle")
+    [row] = audit_rows(pg, result.id)
+    assert row["options"]["serializer"] == "pickle"
+    assert row["content_type"] == "application/x-python-serialize"
+    args, _kwargs, _embed = serialization.loads(
+        row["payload"],
+        row["content_type"],
+        row["content_encoding"],
+        accept={"application/x-python-serialize"},
+    )
+    assert tuple(args) == ({1, 2}, when)
+    plain = add.apply_async((1, 2), queue=queue_name)
+    [default] = audit_rows(pg, plain.id)
+    assert default["options"]["serializer"] == "json"

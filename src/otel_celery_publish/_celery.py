@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Any
 
 from celery import current_app
@@ -55,9 +56,34 @@ def registered_task(app: Any, name: str) -> Any:
 
 
 def task_serializer(app: Any, name: str) -> str:
-    """The serializer the message is encoded with: the task's own, else the app default."""
+    """The serializer the message is encoded with: the per-call one (``apply_async(serializer=
+    ...)``, :func:`call_serializer`), else the task's own, else the app default."""
     task = registered_task(app, name)
-    return str(getattr(task, "serializer", None) or _app_facts(app)[1])
+    return str(call_serializer() or getattr(task, "serializer", None) or _app_facts(app)[1])
+
+
+_SENDER = "send_task_message"
+_MAX_DEPTH = 8
+
+
+def call_serializer() -> str | None:
+    """The ``serializer`` argument of the ``send_task_message`` call this publish signal comes
+    from, if the caller gave one.
+
+    ``before_task_publish`` does not carry it (Celery passes it to kombu only), yet without it a
+    row of ``apply_async(serializer="pickle")`` would be encoded with the task's serializer:
+    wrong, or not encodable at all. So read it from the sending frame, a few frames up (our
+    hook, ``Signal.send``, Celery's sender); None if the stack is not Celery's.
+    """
+    frame = sys._getframe(1)
+    for _ in range(_MAX_DEPTH):
+        if frame.f_code.co_name == _SENDER and frame.f_code.co_filename.endswith("amqp.py"):
+            value = frame.f_locals.get("serializer")
+            return value if isinstance(value, str) and value else None
+        if frame.f_back is None:
+            return None
+        frame = frame.f_back
+    return None
 
 
 @functools.lru_cache(maxsize=1024)
