@@ -1,15 +1,18 @@
 """The Celery app the test workers run (``celery -A tests.app worker``) and tests publish with.
 
 Configured from the environment so one module serves every test: broker, queue, and whether to
-set the OpenTelemetry SDK up in code (``OCP_SETUP_SDK=1``) instead of via opentelemetry-instrument.
+set the OpenTelemetry SDK up in code (``OCP_SETUP_SDK=1``) instead of via opentelemetry-instrument;
+``OCP_RESULT_BACKEND`` and ``OCP_VISIBILITY_TIMEOUT`` (seconds, Redis) for the liveness tests.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
+from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from celery.exceptions import Ignore
 
 app = Celery("ocp_tests", broker=os.environ.get("OCP_BROKER_URL", "redis://127.0.0.1:6379/9"))
@@ -20,6 +23,15 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     task_acks_late=False,
 )
+if os.environ.get("OCP_RESULT_BACKEND"):
+    app.conf.result_backend = os.environ["OCP_RESULT_BACKEND"]
+if os.environ.get("OCP_VISIBILITY_TIMEOUT"):
+    # Restore abandoned messages within a second of the timeout, not every 100 s.
+    app.conf.broker_transport_options = {
+        "visibility_timeout": float(os.environ["OCP_VISIBILITY_TIMEOUT"]),
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
 
 if os.environ.get("OCP_SETUP_SDK") == "1":
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
@@ -86,3 +98,51 @@ def sleep(seconds: float) -> float:
 @app.task(name="tests.ignored")
 def ignored() -> None:
     raise Ignore()
+
+
+@app.task(name="tests.sleep_late", bind=True, acks_late=True)
+def sleep_late(self: Any, seconds: float) -> str:
+    """Acknowledged after it ran (a dead worker's broker redelivers it); sleeps on its first
+    delivery only, so a redelivery is quick."""
+    if not (self.request.delivery_info or {}).get("redelivered"):
+        sleep(seconds)
+    return "ran"
+
+
+@app.task(
+    name="tests.sleep_first", bind=True, retry_on_worker_lost=True, max_retries=1,
+    default_retry_delay=0,
+)  # fmt: skip
+def sleep_first(self: Any, seconds: float) -> str:
+    """Sleeps on its first attempt only; re-sent (Celery 5.7) if its pool process dies."""
+    if self.request.retries == 0:
+        sleep(seconds)
+    return "ran again"
+
+
+@app.task(name="tests.sleep_until_redelivered", bind=True, acks_late=True, acks_on_timeout=False)
+def sleep_until_redelivered(self: Any, seconds: float) -> str:
+    """Sleeps past its time limit on the first delivery (requeued on timeout), then returns."""
+    if not (self.request.delivery_info or {}).get("redelivered"):
+        sleep(seconds)
+    return "redelivered"
+
+
+@app.task(name="tests.fail_unacked", acks_late=True, acks_on_failure=False)
+def fail_unacked() -> None:
+    """Fails with acks_on_failure=False: Celery rejects the message instead of acking it."""
+    raise ValueError("dropped, not acked")
+
+
+@app.task(name="tests.succeed_then_die")
+def succeed_then_die() -> str:
+    """Succeeds; its pool process is then killed in task_postrun (see below)."""
+    return "stored"
+
+
+@signals.task_postrun.connect
+def _die_after_success(sender: Any = None, **_: Any) -> None:
+    # After our own postrun receiver (connected when the app was instrumented, above): the
+    # SUCCESS is stored, then the process dies as an OOM kill would.
+    if getattr(sender, "name", None) == "tests.succeed_then_die":
+        os.kill(os.getpid(), signal.SIGKILL)

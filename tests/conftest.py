@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -137,9 +138,32 @@ class Worker:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def pool_children(self) -> list[int]:
+        """The pids of the worker's pool processes (prefork), from /proc."""
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited while we looked
+            if int(fields[1]) == self.proc.pid:
+                children.append(int(stat.parent.name))
+        return children
 
-def _ping(nodename: str) -> bool:
-    replies = app.control.ping(destination=[nodename], timeout=0.5)
+    def kill_all(self) -> None:
+        """SIGKILL the whole worker, main process and pool children at once (its own process
+        group), as the OOM killer or a lost machine would."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def _ping(nodename: str, broker: str = BROKER) -> bool:
+    control = app if broker == BROKER else Celery("ocp_ping", broker=broker, set_as_current=False)
+    try:
+        replies = control.control.ping(destination=[nodename], timeout=0.5)
+    finally:
+        if control is not app:
+            control.close()
     return any(nodename in r for r in replies)
 
 
@@ -173,6 +197,7 @@ def start_worker(
         env: dict[str, str] | None = None,
         queue: str | None = None,
     ) -> Worker:
+        """A worker on ``queue`` (default: the test's); ``env`` may set ``OCP_BROKER_URL``."""
         nodename = f"ocp-{uuid.uuid4().hex[:8]}@localhost"
         log = tmp_path / f"{nodename}.log"
         cmd = [str(BIN / "celery"), "-A", "tests.app", "worker", "-P", pool]
@@ -191,11 +216,18 @@ def start_worker(
             **(env or {}),
         }
         with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         worker = Worker(proc, nodename, log)
         workers.append(worker)
         try:
-            wait_for(lambda: proc.poll() is not None or _ping(nodename), 60, f"worker {nodename}")
+            broker = full_env["OCP_BROKER_URL"]
+            wait_for(
+                lambda: proc.poll() is not None or _ping(nodename, broker),
+                60,
+                f"worker {nodename}",
+            )
         except AssertionError:
             raise AssertionError(f"worker did not answer ping:\n{worker.output()}") from None
         assert proc.poll() is None, f"worker exited:\n{worker.output()}"
@@ -208,7 +240,7 @@ def start_worker(
         try:
             worker.proc.wait(30)
         except subprocess.TimeoutExpired:
-            worker.proc.kill()
+            os.killpg(worker.proc.pid, signal.SIGKILL)
             worker.proc.wait(10)
     for worker in workers:
         assert "otel-celery-publish internal error" not in worker.output(), worker.output()

@@ -1,4 +1,5 @@
-"""``lost`` on seeded tables (SQLite and PostgreSQL): each reason, every known false positive."""
+"""``lost`` on seeded tables (SQLite and PostgreSQL): each reason, every known false positive,
+worker liveness, and the partial index."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from sqlalchemy import insert
 
 from otel_celery_publish import audit
+from otel_celery_publish.audit import _store
+from otel_celery_publish.audit.schema import workers_table
+from otel_celery_publish.audit.writer import make_engine
 from otel_celery_publish.config import Settings
-from tests.audit_support import NOW, ago, cli, database, row, seed, validated
+from tests.audit_support import NOW, ago, cli, database, row, schema, seed, validated
 from tests.conftest import BROKER
 
 
@@ -142,3 +147,130 @@ def test_check_results_drops_what_the_backend_saw_finish(tmp_path: Path, pg_url:
         assert without.exit_code == 1 and "needs a result backend" in without.stderr
     finally:
         with_backend.backend.forget(done["task_id"])
+
+
+def beat(settings: Settings, instance_id: str, **fields: Any) -> None:
+    """A heartbeat row of worker instance ``instance_id`` (alive unless ``fields`` say so)."""
+    engine = make_engine(settings.audit_url)
+    values = {
+        "instance_id": instance_id, "nodename": f"{instance_id}@host", "pid": 1,
+        "started_at": ago(60), "heartbeat_at": NOW, "expires_at": NOW + dt.timedelta(minutes=1),
+        "interval_s": 30.0, "stopped_at": None, **fields,
+    }  # fmt: skip
+    try:
+        with engine.connect() as conn:
+            conn.execute(insert(workers_table(settings.table_name)), [values])
+    finally:
+        engine.dispose()
+
+
+def liveness_scenario(settings: Settings) -> dict[str, str]:
+    """Seed rows held by live, dead, stopped and unknown worker instances; the reasons."""
+    beat(settings, "alive")
+    beat(settings, "dead", heartbeat_at=ago(seconds=62), expires_at=ago(seconds=2))
+    beat(settings, "stopped-recently", stopped_at=ago(5), expires_at=ago(4))
+    beat(settings, "stopped-long-ago", stopped_at=ago(15), expires_at=ago(14))
+    lost_attempt = row(
+        task_id="worker-lost-then-retried",
+        sent_at=ago(21),
+        received_at=ago(21),
+        started_at=ago(21),
+        finished_at=ago(1),
+        outcome="failed",
+        lost_reason="worker_lost",
+        worker_instance="alive",
+    )
+    started = {"sent_at": ago(21), "received_at": ago(21), "acks_late": False}
+    seed(
+        settings,
+        row(task_id="running-for-ages", started_at=ago(20), worker_instance="alive", **started),
+        row(task_id="held-for-ages", sent_at=ago(21), received_at=ago(20),
+            worker_instance="alive", acks_late=False),
+        row(task_id="dead-just-started", **{**started, "received_at": ago(seconds=30)},
+            started_at=ago(seconds=30), worker_instance="dead"),
+        row(task_id="dead-acks-late-recent",
+            **{**started, "received_at": ago(seconds=30), "acks_late": True},
+            started_at=ago(seconds=30), worker_instance="dead"),
+        row(task_id="dead-acks-late-old", started_at=ago(20), worker_instance="dead",
+            **{**started, "acks_late": True}),
+        row(task_id="dead-received-recent", sent_at=ago(21), received_at=ago(seconds=30),
+            worker_instance="dead", acks_late=False),
+        row(task_id="dead-received-old", sent_at=ago(21), received_at=ago(20),
+            worker_instance="dead", acks_late=False),
+        row(task_id="returned-recently", sent_at=ago(30), received_at=ago(30),
+            worker_instance="stopped-recently", acks_late=False),
+        row(task_id="returned-long-ago", sent_at=ago(30), received_at=ago(30),
+            worker_instance="stopped-long-ago", acks_late=False),
+        row(task_id="stopped-started", started_at=ago(20), worker_instance="stopped-recently",
+            **started),
+        row(task_id="never-beat-old", started_at=ago(20), worker_instance="never-beat",
+            **started),
+        row(task_id="never-beat-recent", **{**started, "received_at": ago(1)},
+            started_at=ago(1), worker_instance="never-beat"),
+        row(task_id="worker-lost", sent_at=ago(21), received_at=ago(21), started_at=ago(21),
+            finished_at=ago(seconds=1), outcome="failed", exception_type="WorkerLostError",
+            exception_message="Worker exited prematurely: signal 9 (SIGKILL).",
+            lost_reason="worker_lost", worker_instance="alive"),
+        lost_attempt,
+        row(task_id="worker-lost-then-retried", attempt=1, published_at=ago(1), sent_at=ago(1),
+            worker_instance="alive", received_at=ago(1), started_at=ago(1), finished_at=ago(1),
+            outcome="succeeded"),
+        row(task_id="worker-lost-replayed", sent_at=ago(21), finished_at=ago(1),
+            outcome="failed", lost_reason="worker_lost", replayed_at=ago(1), replayed_as="x"),
+        row(task_id="discarded", sent_at=ago(21), received_at=ago(21), finished_at=ago(1),
+            outcome="rejected", exception_type="NotRegistered",
+            exception_message="task 'x' is not registered in this worker",
+            lost_reason="discarded", worker_instance="alive"),
+    )  # fmt: skip
+    return {
+        "dead-just-started": "worker_dead",
+        "dead-acks-late-old": "worker_dead",
+        "dead-received-old": "worker_dead",
+        "returned-long-ago": "returned",
+        "stopped-started": "not_finished",
+        "never-beat-old": "not_finished",
+        "worker-lost": "worker_lost",
+        "discarded": "discarded",
+    }
+
+
+def test_liveness_reasons(settings: Settings) -> None:
+    """A live instance's tasks are never lost however old; a dead one's started tasks are lost
+    at once (received or acks_late ones after older_than); a cleanly stopped one's unstarted
+    tasks are returned; lost pool processes and discarded messages are lost at once unless
+    superseded or replayed; instances that never beat keep the age rule."""
+    expected = liveness_scenario(settings)
+    found = audit.lost(settings=settings, now=NOW)
+    assert {t.task_id: t.reason for t in found} == expected
+    discarded = next(t for t in found if t.task_id == "discarded")
+    assert (discarded.exception_type, discarded.exception_message) == (
+        "NotRegistered", "task 'x' is not registered in this worker",
+    )  # fmt: skip
+    recent = audit.lost(settings=settings, now=NOW, older_than=dt.timedelta(0))
+    assert {t.task_id: t.reason for t in recent} == {
+        **expected,
+        "dead-acks-late-recent": "worker_dead",
+        "dead-received-recent": "worker_dead",
+        "returned-recently": "returned",
+        "never-beat-recent": "not_finished",
+    }
+    assert set(_store.LOST_REASONS) == set(schema("lost")["items"]["properties"]["reason"]["enum"])
+
+
+def test_lost_reads_the_partial_index(tmp_path: Path, pg_url: str) -> None:
+    """On PostgreSQL the lost query, heartbeat join included, can use ix_<table>_unfinished:
+    its WHERE clause implies the index predicate."""
+    settings = database("postgresql", tmp_path, pg_url)
+    liveness_scenario(settings)
+    with _store.open_db(settings) as db:
+        stmt = _store.lost_query(
+            db, now=NOW, older_than=dt.timedelta(minutes=10), since=dt.timedelta(days=1),
+            until=None,
+        )  # fmt: skip
+        compiled = stmt.compile(dialect=db.engine.dialect)
+        with db.engine.connect() as conn:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            plan = "\n".join(
+                r[0] for r in conn.exec_driver_sql("EXPLAIN " + compiled.string, compiled.params)
+            )
+    assert f"ix_{settings.table_name}_unfinished" in plan, plan

@@ -23,7 +23,7 @@ from sqlalchemy import Column, Index, MetaData, String, Table, insert, inspect, 
 
 from otel_celery_publish import audit
 from otel_celery_publish.audit import migrate
-from otel_celery_publish.audit.schema import audit_table
+from otel_celery_publish.audit.schema import audit_table, workers_table
 from otel_celery_publish.audit.writer import make_engine
 from otel_celery_publish.config import Settings
 from tests.audit_support import celery_audit, cli, one_line_error, row, stored, validated
@@ -39,19 +39,17 @@ def fresh(kind: str, tmp_path: Path, pg_url: str) -> Settings:
 
 
 def schema_diff(settings: Settings) -> list[Any]:
-    """What differs between the migrated table and ``audit/schema.py`` (only our table)."""
+    """What differs between the migrated tables and ``audit/schema.py`` (only our tables)."""
     engine = make_engine(settings.audit_url)
     expected = MetaData()
     audit_table(settings.table_name, expected)
+    workers_table(settings.table_name, expected)
+    ours = {settings.table_name, f"{settings.table_name}_workers"}
     try:
         with engine.connect() as conn:
             context = MigrationContext.configure(
                 conn,
-                opts={
-                    "include_name": lambda name, kind, _parent: (
-                        kind != "table" or name == settings.table_name
-                    )
-                },
+                opts={"include_name": lambda name, kind, _parent: kind != "table" or name in ours},
             )
             return list(compare_metadata(context, expected))
     finally:
@@ -78,13 +76,17 @@ def test_fresh_database_gets_exactly_the_schema(kind: str, tmp_path: Path, pg_ur
     settings = fresh(kind, tmp_path, pg_url)
     result = audit.migrate_schema(settings=settings)
     name = settings.table_name
-    assert (result.action, result.from_revision, result.to_revision) == ("created", None, "0001")
+    assert (result.action, result.from_revision, result.to_revision) == (
+        "created",
+        None,
+        migrate.HEAD,
+    )
     assert result.version_table == f"{name}_alembic_version"
     assert schema_diff(settings) == []
     assert set(partial_indexes(settings)) == {f"ix_{name}_unfinished", f"ix_{name}_replay_of"}
-    assert stored_versions(settings) == ["0001"]
+    assert stored_versions(settings) == [migrate.HEAD]
     again = audit.migrate_schema(settings=settings)
-    assert (again.action, again.from_revision) == ("current", "0001")
+    assert (again.action, again.from_revision) == ("current", migrate.HEAD)
 
 
 def stored_versions(settings: Settings) -> list[str]:
@@ -133,6 +135,42 @@ def test_table_created_by_the_writer_is_adopted(
     assert kept["publish_id"] == old["publish_id"] and kept["replayed_at"] is None
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_table_at_0001_is_upgraded_in_place(kind: str, tmp_path: Path, pg_url: str) -> None:
+    """A table at revision 0001 gets the liveness columns, the workers table and the wider
+    partial index, and keeps its rows."""
+    from alembic import command  # noqa: PLC0415 - what migrate imports lazily too
+
+    settings = fresh(kind, tmp_path, pg_url)
+    engine = make_engine(settings.audit_url)
+    try:
+        with engine.begin() as conn:
+            config = Config()
+            config.set_main_option("script_location", migrate.SCRIPT_LOCATION)
+            config.attributes.update(
+                table_name=settings.table_name, connection=conn, dialect_name=None
+            )
+            command.upgrade(config, "0001")
+        old = row()
+        with engine.connect() as conn:
+            columns = {c["name"] for c in inspect(conn).get_columns(settings.table_name)}
+            conn.execute(
+                insert(audit_table(settings.table_name, MetaData())),
+                [{k: v for k, v in old.items() if k in columns}],
+            )
+            conn.commit()
+    finally:
+        engine.dispose()
+    result = audit.migrate_schema(settings=settings)
+    assert (result.action, result.from_revision, result.to_revision) == (
+        "upgraded", "0001", migrate.HEAD,
+    )  # fmt: skip
+    assert schema_diff(settings) == []
+    assert "lost_reason" in partial_indexes(settings)[f"ix_{settings.table_name}_unfinished"]
+    [kept] = stored(settings)
+    assert kept["publish_id"] == old["publish_id"] and kept["worker_instance"] is None
+
+
 def test_the_hosts_alembic_version_is_never_touched(tmp_path: Path) -> None:
     """The application's own alembic_version keeps its revision; ours lives elsewhere."""
     url = f"sqlite:///{tmp_path / 'host.db'}"
@@ -147,7 +185,7 @@ def test_the_hosts_alembic_version_is_never_touched(tmp_path: Path) -> None:
             "host_app_rev"
         ]
     engine.dispose()
-    assert stored_versions(settings) == ["0001"]
+    assert stored_versions(settings) == [migrate.HEAD]
 
 
 # Each caller imports first, then waits (polling, with a deadline) until all are ready, so the
@@ -209,7 +247,7 @@ def test_concurrent_upgrades_all_succeed_once(kind: str, tmp_path: Path, pg_url:
             assert proc.returncode == 0, err.decode()
         for future in threads:
             future.result(timeout=60)
-    assert stored_versions(settings) == ["0001"]
+    assert stored_versions(settings) == [migrate.HEAD]
     assert schema_diff(settings) == []
 
 
@@ -265,9 +303,11 @@ def test_sql_prints_the_ddl_without_connecting() -> None:
     assert "CREATE TABLE t_ops_alembic_version" in ddl and "CREATE TABLE t_ops (" in ddl
     assert (
         "CREATE INDEX ix_t_ops_unfinished ON t_ops (published_at) "
-        "WHERE finished_at IS NULL AND replayed_at IS NULL" in ddl
+        "WHERE replayed_at IS NULL AND (finished_at IS NULL OR lost_reason IS NOT NULL)" in ddl
     )
+    assert "CREATE TABLE t_ops_workers (" in ddl
     assert "INSERT INTO t_ops_alembic_version (version_num) VALUES ('0001')" in ddl
+    assert f"SET version_num='{migrate.HEAD}'" in ddl
     assert " alembic_version" not in ddl
     assert cli("migrate", "--sql", "--json", settings=settings).exit_code == 2
 
@@ -289,4 +329,4 @@ def test_migrate_through_the_celery_entry_point(tmp_path: Path, pg_url: str) -> 
     done = celery_audit("migrate", "--json", settings=settings)
     assert done.returncode == 0, done.stderr
     assert validated("migrate", done.stdout)["action"] == "created"
-    assert stored_versions(settings) == ["0001"]
+    assert stored_versions(settings) == [migrate.HEAD]

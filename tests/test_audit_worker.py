@@ -1,6 +1,6 @@
 """With a real worker and the real ``celery -A tests.app audit`` entry point: a task stranded on
 a queue nobody consumes is lost, replayed to a consumed queue it runs once; a worker killed
-mid-task leaves a task started but never finished."""
+mid-task leaves a task started but never finished, reported once its heartbeat is stale."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from otel_celery_publish import audit
 from tests.app import add, sleep
 from tests.audit_support import celery_audit, cli, migrated, stored, validated
 from tests.conftest import BROKER, audit_rows, wait_row
+from tests.otlp_receiver import wait_for
 
 
 def test_stranded_task_is_lost_then_replayed_once(
@@ -66,17 +67,23 @@ def test_stranded_task_is_lost_then_replayed_once(
 def test_worker_killed_mid_task_is_started_but_never_finished(
     publisher: Any, start_worker: Any, pg: Any, pg_url: str, queue_name: str
 ) -> None:
-    """SIGKILL the worker while its task runs: lost says started, never finished, on it."""
+    """SIGKILL the worker while its task runs: once its heartbeat is stale, lost says its
+    worker died, naming it; the row's history shows the run unfinished."""
     settings = migrated(pg_url)
-    worker = start_worker()  # solo pool: the task runs in the process we kill
+    # Solo pool: the task runs in the process we kill.
+    worker = start_worker(env={"OTEL_CELERY_PUBLISH_HEARTBEAT_INTERVAL": "0.5"})
     task_id = sleep.apply_async((30,), queue=queue_name).id
     wait_row(pg, task_id, lambda rows: rows[0]["started_at"] is not None)
     worker.proc.kill()
     worker.proc.wait(10)
-    [stuck] = audit.lost(settings=settings, older_than=dt.timedelta(0), queue=queue_name)
-    assert (stuck.task_id, stuck.reason, stuck.worker) == (task_id, "not_finished", worker.nodename)
-    table = cli("lost", "--older-than", "0s", "--queue", queue_name, settings=settings).stdout
-    assert "started, never finished" in table and task_id in table
+    [stuck] = wait_for(
+        lambda: audit.lost(settings=settings, older_than=dt.timedelta(0), queue=queue_name),
+        10,
+        "the task of the dead worker",
+    )
+    assert (stuck.task_id, stuck.reason, stuck.worker) == (task_id, "worker_dead", worker.nodename)
+    table = celery_audit("lost", "--older-than", "0s", "--queue", queue_name, settings=settings)
+    assert task_id in table.stdout and worker.nodename in table.stdout, table.stderr
     shown = cli("show", task_id, settings=settings).stdout
     assert "attempt 0: unfinished" in shown
     run_bar = next(line for line in shown.splitlines() if line.strip().startswith("run "))

@@ -89,13 +89,14 @@ def test_terminated_task_in_prefork_child(
 def test_unregistered_task_name(
     publisher: Any, start_worker: Any, receiver: Receiver, pg: Any, queue_name: str
 ) -> None:
-    """send_task to a name no worker knows: published, then rejected as NotRegistered."""
+    """send_task to a name no worker knows: published, then rejected as NotRegistered, the
+    row marked as discarded work."""
     start_worker()
     task_id = app.send_task("tests.does_not_exist", args=(1,), queue=queue_name).id
     [row] = wait_row(
         pg, task_id, lambda rows: rows[0]["outcome"] == "rejected" and rows[0]["sent_at"]
     )
-    assert row["exception_type"] == "NotRegistered"
+    assert (row["exception_type"], row["lost_reason"]) == ("NotRegistered", "discarded")
     assert row["sent_at"] is not None and row["started_at"] is None
     spans = trace_spans(receiver, row["trace_id"], {"process tests.does_not_exist"})
     assert spans["process tests.does_not_exist"].attributes["error.type"] == "NotRegistered"

@@ -17,6 +17,7 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 from otel_celery_publish._guard import guard
 from otel_celery_publish.audit.writer import AuditWriter
 from otel_celery_publish.config import Settings
+from otel_celery_publish.liveness import Heartbeat
 from otel_celery_publish.package import _instruments
 from otel_celery_publish.publish import PublishHooks
 from otel_celery_publish.version import __version__
@@ -104,8 +105,9 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             os.register_at_fork(after_in_child=_reinit_metric_export_locks)
         self.writer = AuditWriter(settings, meter)
         self.writer.start()
+        self.heartbeat = Heartbeat(settings)
         publish = PublishHooks(tracer, self.writer, settings)
-        worker = WorkerHooks(tracer, meter, self.writer, settings)
+        worker = WorkerHooks(tracer, meter, self.writer, settings, self.heartbeat)
         self._receivers: list[tuple[Any, Any]] = [
             (signals.before_task_publish, publish.before_publish),
             (signals.after_task_publish, publish.after_publish),
@@ -117,8 +119,11 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             (signals.task_revoked, worker.on_revoked),
             (signals.task_rejected, worker.on_rejected),
             (signals.task_unknown, worker.on_unknown),
+            (signals.worker_init, self._on_worker_start),
+            (signals.worker_ready, self._on_worker_start),
             (signals.worker_process_shutdown, self._on_shutdown),
             (signals.worker_shutdown, self._on_shutdown),
+            (signals.worker_shutdown, self._on_worker_stop),
         ]
         for signal, receiver in self._receivers:
             signal.connect(receiver, weak=False)
@@ -128,9 +133,21 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         for signal, receiver in self._receivers:
             signal.disconnect(receiver)
         self._receivers = []
+        self.heartbeat.stop(FLUSH_TIMEOUT_S)
         self.writer.close(FLUSH_TIMEOUT_S)
         if self._official is not None:
             self._official._is_instrumented_by_opentelemetry = False
+
+    def _on_worker_start(self, sender: Any = None, **_: Any) -> None:
+        """The worker's main process, before its pool forks (``worker_init``), or once it is
+        up if we were instrumented after that (``worker_ready``): start its heartbeat."""
+        with guard("worker heartbeat start"):
+            self.heartbeat.start(str(getattr(sender, "hostname", None) or "unknown"))
+
+    def _on_worker_stop(self, **_: Any) -> None:
+        """After a warm shutdown finished its tasks: mark this worker instance stopped."""
+        with guard("worker heartbeat stop"):
+            self.heartbeat.stop(FLUSH_TIMEOUT_S)
 
     def _on_shutdown(self, **_: Any) -> None:
         """Ship rows (and delete the shipped spool) and flush telemetry: pool children leave

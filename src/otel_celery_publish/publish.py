@@ -62,7 +62,10 @@ class PublishHooks:
         **_: Any,
     ) -> None:
         with guard("before_task_publish"):
-            self._before(str(sender), body, exchange, routing_key, headers or {}, properties or {})
+            # Not ``headers or {}``: protocol 1 hands us an empty dict, which is what it sends
+            # as the message headers; ours must go into that very dict to reach the worker.
+            msg_headers = headers if headers is not None else {}
+            self._before(str(sender), body, exchange, routing_key, msg_headers, properties or {})
 
     def _before(  # noqa: PLR0917 - one call site, the receiver above
         self,

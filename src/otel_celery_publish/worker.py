@@ -4,6 +4,11 @@ Signals arrive in two processes under prefork: ``task_received``, ``task_revoked
 ``task_rejected``, ``task_unknown`` and the failure of a killed child in the main process;
 ``task_prerun``/``task_failure``/``task_retry``/``task_postrun`` in the pool child. State is keyed
 by task id in bounded stores, so nothing leaks when a closing signal never comes.
+
+Every received and started row names the worker instance (:mod:`.liveness`) holding it, so
+``lost`` can tell a running task from a dead worker's. An outcome whose work was not done is
+marked with ``lost_reason``: ``worker_lost`` (the pool child died running it, recorded by the
+main process) and ``discarded`` (unregistered task, rejected message).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import time
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
@@ -24,6 +30,7 @@ from otel_celery_publish._store import BoundedStore
 from otel_celery_publish.audit.record import epoch_to_dt
 from otel_celery_publish.audit.writer import AuditWriter, Row
 from otel_celery_publish.config import Settings
+from otel_celery_publish.liveness import Heartbeat
 from otel_celery_publish.timing import queue_waits
 
 MAX_TRACKED = 10_000
@@ -36,6 +43,20 @@ OUTCOMES = {
     "RETRY": "retried",
     "REJECTED": "rejected",
     "IGNORED": "ignored",
+}
+# ``lost_reason`` values the worker writes with an outcome whose work was not done.
+WORKER_LOST = "worker_lost"
+DISCARDED = "discarded"
+# A redelivered message starts a new run of the same attempt (same publish_id): what an
+# earlier delivery recorded as its end no longer holds (acks_on_timeout=False, Reject(requeue=
+# True), a visibility timeout). Sent with the start, from the process that records the end.
+REOPENED: Row = {
+    "finished_at": None,
+    "outcome": None,
+    "runtime_s": None,
+    "exception_type": None,
+    "exception_message": None,
+    "lost_reason": None,
 }
 
 
@@ -58,6 +79,27 @@ def identity(source: Any) -> Row | None:
         "task_name": hdr.as_text(hdr.lookup(source, "task")),
         "published_at": epoch_to_dt(published_at),
     }
+
+
+def message_source(message: Any) -> dict[str, Any]:
+    """What identifies a message the worker discarded: its headers, plus the protocol 1 body,
+    which is where that protocol keeps the task id and name."""
+    source = dict(message.headers or {})
+    payload = getattr(message, "payload", None)
+    if isinstance(payload, dict) and "id" in payload and "task" in payload:
+        source = {"id": payload["id"], "task": payload["task"], "headers": source, **source}
+    return source
+
+
+def _requeued_after_timeout(task: Any, exc: BaseException | None) -> bool:
+    """A hard time limit of an ``acks_late`` task with ``acks_on_timeout=False``: Celery
+    reports the failure, then requeues the message. The attempt is not over: its redelivery
+    records the end."""
+    return (
+        isinstance(exc, TimeLimitExceeded)
+        and bool(getattr(task, "acks_late", False))
+        and getattr(task, "acks_on_timeout", True) is False
+    )
 
 
 def unwrap(exception: Any, einfo: Any) -> BaseException | None:
@@ -95,9 +137,11 @@ class WorkerHooks:
         meter: metrics.Meter,
         writer: AuditWriter,
         settings: Settings,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self._tracer = tracer
         self._writer = writer
+        self._heartbeat = heartbeat
         self._use_links = settings.use_links
         self._running: BoundedStore[_Running] = BoundedStore(MAX_TRACKED, _abandon)
         # Main process: identity of received tasks, for outcomes decided there (child killed).
@@ -128,8 +172,18 @@ class WorkerHooks:
                 return
             self._received.put(request.id, row)
             self._writer.record_event(
-                {**row, "received_at": epoch_to_dt(now), "worker": request.hostname}
+                {
+                    **row,
+                    "received_at": epoch_to_dt(now),
+                    "worker": request.hostname,
+                    "worker_instance": self._instance(),
+                    "acks_late": bool(getattr(request.task, "acks_late", False)),
+                }
             )
+
+    def _instance(self) -> str | None:
+        """This worker instance's heartbeat id (inherited by pool children), if it beats."""
+        return self._heartbeat.instance_id if self._heartbeat is not None else None
 
     def on_revoked(
         self, request: Any = None, terminated: bool = False, signum: Any = None,
@@ -142,14 +196,21 @@ class WorkerHooks:
     def on_rejected(self, message: Any = None, exc: Any = None, **_: Any) -> None:
         with guard("task_rejected"):
             reason = repr(exc) if exc is not None else "unknown message"
-            self._finish_elsewhere(message.headers, "rejected", type(exc).__name__, reason)
+            self._finish_elsewhere(
+                message_source(message), "rejected", type(exc).__name__, reason, DISCARDED
+            )
 
     def on_unknown(self, message: Any = None, name: str | None = None, **_: Any) -> None:
         with guard("task_unknown"):
             reason = f"task {name!r} is not registered in this worker"
-            self._finish_elsewhere(message.headers, "rejected", "NotRegistered", reason)
+            self._finish_elsewhere(
+                message_source(message), "rejected", "NotRegistered", reason, DISCARDED
+            )
 
-    def _finish_elsewhere(self, source: Any, outcome: str, exc_type: str, message: str) -> None:
+    def _finish_elsewhere(
+        self, source: Any, outcome: str, exc_type: str, message: str,
+        lost_reason: str | None = None,
+    ) -> None:  # fmt: skip
         """An outcome decided outside a running task: record it and show it as an error span."""
         task_id = str(hdr.lookup(source, "id"))
         self._received.pop(task_id)
@@ -171,11 +232,11 @@ class WorkerHooks:
         span.end()
         row = identity(source)
         if row is not None:
-            self._finish(row, outcome, exc_type, message)
+            self._finish(row, outcome, exc_type, message, lost_reason=lost_reason)
 
     def _finish(
         self, row: Row, outcome: str, exc_type: str | None, message: str | None,
-        runtime: float | None = None,
+        runtime: float | None = None, *, lost_reason: str | None = None,
     ) -> None:  # fmt: skip
         self._writer.record_event(
             {
@@ -185,6 +246,7 @@ class WorkerHooks:
                 "runtime_s": runtime,
                 "exception_type": exc_type,
                 "exception_message": message,
+                "lost_reason": lost_reason,
             }
         )
 
@@ -231,9 +293,15 @@ class WorkerHooks:
         row = identity(req)
         self._running.put(task_id, _Running(span, token, time.monotonic(), name, queue, row))
         if row is not None:
-            self._writer.record_event(
-                {**row, "started_at": epoch_to_dt(now), "worker": req.hostname}
-            )
+            started: Row = {
+                **row,
+                "started_at": epoch_to_dt(now),
+                "worker": req.hostname,
+                "worker_instance": self._instance(),
+            }
+            if (req.delivery_info or {}).get("redelivered"):
+                started |= REOPENED
+            self._writer.record_event(started)
 
     def _wait_spans(
         self, parent: otel_context.Context, req: Any, name: str, attributes: dict[str, Any], *,
@@ -279,16 +347,30 @@ class WorkerHooks:
                 run.expected = exc is not None and isinstance(exc, getattr(sender, "throws", ()))
                 return
             # No running span here: this is the main process after the child died (hard time
-            # limit, worker lost). The child's span died with it; record the outcome.
+            # limit, worker lost). The child's span died with it; record the outcome. A lost
+            # child's work was not done (Celery sends no failure when the message is requeued).
             row = self._received.pop(str(task_id))
-            if row is not None:
-                self._finish(row, "failed", type(exc).__name__, str(exc))
+            if row is None or _requeued_after_timeout(sender, exc):
+                return
+            lost = WORKER_LOST if isinstance(exc, WorkerLostError) else None
+            self._finish(row, "failed", type(exc).__name__, str(exc), lost_reason=lost)
 
-    def on_retry(self, request: Any = None, reason: Any = None, **_: Any) -> None:
+    def on_retry(
+        self, request: Any = None, reason: Any = None, einfo: Any = None, **_: Any
+    ) -> None:
         with guard("task_retry"):
-            run = self._running.get(str(getattr(request, "id", None)))
+            task_id = str(getattr(request, "id", None))
+            run = self._running.get(task_id)
             if run is not None:
                 run.retry_reason = str(reason)
+                return
+            # The main process re-sent a task whose pool child died (task_retry_on_worker_lost,
+            # Celery 5.7): the re-send is the next attempt's row; this attempt ends retried.
+            exc = unwrap(None, einfo)
+            if isinstance(exc, WorkerLostError):
+                row = self._received.pop(task_id)
+                if row is not None:
+                    self._finish(row, "retried", type(exc).__name__, str(exc))
 
     def on_postrun(self, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
         with guard("task_postrun"):

@@ -37,7 +37,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from otel_celery_publish.audit import migrate
-from otel_celery_publish.audit.schema import audit_table
+from otel_celery_publish.audit.schema import audit_table, unfinished_predicate, workers_table
 from otel_celery_publish.audit.writer import drain_spool, make_engine
 from otel_celery_publish.config import Settings
 
@@ -189,6 +189,19 @@ def greatest(dialect: str, *values: Any) -> ColumnElement[Any]:
 
 # -- lost -----------------------------------------------------------------------------------
 
+#: Each ``reason`` :func:`lost` gives, in words (the CLI's table shows these).
+LOST_REASONS: dict[str, str] = {
+    "not_sent": "publish did not complete",
+    "not_received": "sent, never received",
+    "expired": "expired, never received",
+    "not_started": "received, never started",
+    "not_finished": "started, never finished",
+    "worker_dead": "its worker died (heartbeat stopped)",
+    "worker_lost": "its pool process died running it",
+    "discarded": "discarded by the worker",
+    "returned": "returned to the broker at shutdown, never received again",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class LostTask:
@@ -209,6 +222,8 @@ class LostTask:
     worker: str | None
     trace_id: str | None
     error: str | None
+    exception_type: str | None = None
+    exception_message: str | None = None
     result_state: str | None = None
 
 
@@ -233,15 +248,25 @@ def lost(
       ``max(sent_at, eta)``; ``expired`` when its ``expires`` has passed, so no worker will run
       it any more;
     * ``not_started``: a worker took it (counted from ``max(received_at, eta)``) and never ran it;
-    * ``not_finished``: started and never finished (worker killed, machine lost). A task still
-      running for longer than ``older_than`` shows up here too: set ``older_than`` above your
-      longest run.
+    * ``not_finished``: started and never finished, on a worker that does not heartbeat (an
+      older version) or that stopped cleanly since;
+    * ``worker_dead``: its worker instance stopped heartbeating without a clean shutdown (killed,
+      OOM, machine lost). Reported as soon as the heartbeat is stale for a task that started and
+      whose message was acked at start; a task only received, or one that acks late, is
+      redelivered by the broker, so it waits for ``older_than`` like the age rules;
+    * ``worker_lost``: the pool process running it died (OOM killer, SIGKILL): the worker
+      recorded ``failed`` / ``WorkerLostError`` and the message was acked. Reported at once;
+    * ``discarded``: the worker dropped the message (task not registered there, message
+      rejected): ``exception_type`` / ``exception_message`` say why. Reported at once;
+    * ``returned``: received by a worker that then shut down cleanly before running it: the
+      message went back to the broker and nobody took it again (counted from the shutdown).
 
-    Not lost: finished attempts of any outcome; attempts superseded by a later attempt of the
-    same task id (a retry) or already replayed; ETA/countdown tasks whose ETA is not due. A
-    message redelivered after a Redis visibility timeout updates the same row, so it is lost only
-    if no delivery finished. Workers that are not instrumented never record ``received``: use
-    :func:`check_results` then. Oldest first.
+    Not lost: finished attempts (``worker_lost`` and ``discarded`` aside); anything held by a
+    worker instance whose heartbeat is fresh, however long it runs; attempts superseded by a
+    later attempt of the same task id (a retry) or already replayed; ETA/countdown tasks whose
+    ETA is not due. A message redelivered after a Redis visibility timeout updates the same row,
+    so it is lost only if no delivery finished. Workers that are not instrumented never record
+    ``received``: use :func:`check_results` then. Oldest first.
     """
     with open_db(settings) as db:
         now = now or now_utc()
@@ -261,6 +286,7 @@ def lost_query(
     """The ``lost`` SELECT (exposed for the scale benchmark's EXPLAIN)."""
     t = db.table
     c = t.c
+    w = workers_table(t.name).alias("w")
     cutoff = now - older_than
     start = now - since if isinstance(since, dt.timedelta) else since
     later = t.alias("later")
@@ -276,7 +302,7 @@ def lost_query(
         ),
     )
     waiting = and_(c.started_at.is_(None), c.received_at.is_(None))
-    stuck = or_(
+    aged = or_(
         and_(c.started_at.is_not(None), c.started_at < cutoff),
         and_(
             c.started_at.is_(None),
@@ -290,7 +316,28 @@ def lost_query(
         ),
         and_(waiting, c.sent_at.is_(None), c.published_at < cutoff),
     )
+    # Liveness of the worker instance that holds the attempt (no row: it never heartbeat).
+    known = w.c.instance_id.is_not(None)
+    alive = and_(known, w.c.stopped_at.is_(None), w.c.expires_at > now)
+    dead = and_(known, w.c.stopped_at.is_(None), w.c.expires_at <= now)
+    returned = and_(
+        known, w.c.stopped_at.is_not(None), c.started_at.is_(None), c.received_at.is_not(None)
+    )
+    acked_at_start = or_(c.acks_late.is_(None), c.acks_late.is_(False))
+    flagged = c.lost_reason.is_not(None)
+    stuck = or_(
+        flagged,
+        and_(dead, c.started_at.is_not(None), acked_at_start),
+        and_(
+            returned,
+            greatest(db.dialect, w.c.stopped_at, func.coalesce(c.eta, w.c.stopped_at)) < cutoff,
+        ),
+        and_(~alive, ~returned, aged),
+    )
     reason = case(
+        (flagged, c.lost_reason),
+        (and_(dead, c.received_at.is_not(None)), literal("worker_dead")),
+        (returned, literal("returned")),
         (c.started_at.is_not(None), literal("not_finished")),
         (c.received_at.is_not(None), literal("not_started")),
         (c.sent_at.is_(None), literal("not_sent")),
@@ -299,9 +346,8 @@ def lost_query(
     )
     conditions = [
         c.published_at >= start,
-        # These two are the predicate of the partial index ix_<table>_unfinished.
-        c.finished_at.is_(None),
-        c.replayed_at.is_(None),
+        # The predicate of the partial index ix_<table>_unfinished, verbatim.
+        unfinished_predicate(t),
         stuck,
         ~superseded,
         ~replay_sent(t, c.publish_id),
@@ -309,8 +355,10 @@ def lost_query(
     if until is not None:
         conditions.append(c.published_at < until)
     columns = [c[name] for name in _LOST_COLUMNS]
+    # One primary-key probe of the small workers table per row read from the partial index.
     return (
         select(*columns, reason.label("reason"))
+        .select_from(t.outerjoin(w, w.c.instance_id == c.worker_instance))
         .where(*conditions)
         .order_by(c.published_at, c.publish_id)
     )
@@ -319,6 +367,7 @@ def lost_query(
 _LOST_COLUMNS = (
     "task_id", "task_name", "publish_id", "attempt", "queue", "published_at", "sent_at",
     "received_at", "started_at", "eta", "expires", "worker", "trace_id", "error",
+    "exception_type", "exception_message",
 )  # fmt: skip
 
 
@@ -340,6 +389,8 @@ def _lost_task(row: Row[Any]) -> LostTask:
         worker=m["worker"],
         trace_id=m["trace_id"],
         error=m["error"],
+        exception_type=m["exception_type"],
+        exception_message=m["exception_message"],
     )
 
 
@@ -504,6 +555,7 @@ def prune(
 
     Each batch is its own short transaction selecting victims by primary key through the
     ``published_at`` index, so locks are held for one batch only and writers never wait long.
+    Heartbeat rows of worker instances last seen before the cutoff go too.
     """
     if batch_size < 1:
         raise AuditError("batch size must be at least 1")
@@ -523,7 +575,11 @@ def prune(
             deleted += count
             batches += 1
             if count < batch_size:
-                return PruneResult(deleted, cutoff, batches)
+                break
+        # Heartbeats of worker instances gone before the cutoff: one row per worker boot.
+        workers = workers_table(t.name)
+        db.run(delete(workers).where(workers.c.heartbeat_at < cutoff))
+        return PruneResult(deleted, cutoff, batches)
 
 
 # -- replay bookkeeping ---------------------------------------------------------------------

@@ -43,13 +43,6 @@ MAX_SLOWEST = 1000
 MAX_BATCH_SIZE = 100_000
 MIN_RATE, MAX_RATE = 0.001, 100_000.0
 MAX_NAME = 255  # the audit table's task id, task name and queue columns
-REASONS = {
-    "not_sent": "publish did not complete",
-    "not_received": "sent, never received",
-    "expired": "expired, never received",
-    "not_started": "received, never started",
-    "not_finished": "started, never finished",
-}
 FAILED_OUTCOMES = frozenset({"failed", "revoked", "rejected"})
 
 
@@ -316,7 +309,7 @@ def lost(
                 t.task_name,
                 t.queue,
                 t.attempt,
-                REASONS.get(t.reason, t.reason)
+                _store.LOST_REASONS.get(t.reason, t.reason)
                 + (f" [{t.result_state}]" if t.result_state else ""),
                 _time(t.published_at),
                 duration((now - t.published_at).total_seconds()),

@@ -23,7 +23,7 @@ from sqlalchemy import Column, Connection, Engine, MetaData, String, Table, func
 from sqlalchemy.engine import make_url
 
 # The newest revision in ``migrations/versions`` (a test checks they agree).
-HEAD = "0001"
+HEAD = "0002"
 SCRIPT_LOCATION = "otel_celery_publish.audit:migrations"
 # Alembic's ``context`` and ``op`` are process-wide proxies: one migration per process at a time.
 _ALEMBIC_LOCK = threading.Lock()

@@ -8,6 +8,12 @@ Indexes lead with ``published_at`` wherever a query scans a time range (``lost``
 only unfinished, unreplayed rows: at steady state a tiny fraction of the table, so finding them
 over a day costs the same with ten thousand rows as with ten million. ``task_id`` and
 ``replay_of`` are point lookups (``show``, ``replay``, a retry's or replay's earlier rows).
+Rows the worker finished but whose work was not done (``lost_reason``: the pool child running it
+died, the message was discarded) stay in that partial index until they are replayed.
+
+``<table>_workers`` holds one row per worker instance (one boot of a worker's main process): its
+heartbeat, so ``lost`` can tell a task still running on a live worker from one whose worker died.
+It stays small: one row per worker boot, deleted by ``prune`` once last seen before its cutoff.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     Column,
+    ColumnElement,
     DateTime,
     Float,
     Index,
@@ -26,6 +33,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    or_,
 )
 
 metadata = MetaData()
@@ -84,11 +92,18 @@ def audit_table(name: str = "celery_publish_audit", meta: MetaData = metadata) -
         Column("runtime_s", Float),
         Column("exception_type", String(255)),
         Column("exception_message", Text),
+        # The worker instance (``<table>_workers.instance_id``) that last received or started
+        # this attempt, and whether its task acks late (then a dead worker's broker redelivers).
+        Column("worker_instance", String(36)),
+        Column("acks_late", Boolean),
+        # Set with the outcome when the worker knows the work was not done: ``worker_lost`` (the
+        # pool child died running it), ``discarded`` (unregistered task, rejected message).
+        Column("lost_reason", String(32)),
         Index(f"ix_{name}_published_at", "published_at"),
         Index(f"ix_{name}_task_id", "task_id"),
     )
     c = table.c
-    unfinished = and_(c.finished_at.is_(None), c.replayed_at.is_(None))
+    unfinished = unfinished_predicate(table)
     Index(
         f"ix_{name}_unfinished",
         c.published_at,
@@ -98,3 +113,34 @@ def audit_table(name: str = "celery_publish_audit", meta: MetaData = metadata) -
     replays = c.replay_of.is_not(None)
     Index(f"ix_{name}_replay_of", c.replay_of, postgresql_where=replays, sqlite_where=replays)
     return table
+
+
+def unfinished_predicate(table: Table) -> ColumnElement[bool]:
+    """The predicate of ``ix_<table>_unfinished``: what ``lost`` reads. ``lost`` repeats it
+    verbatim in its WHERE clause, so PostgreSQL can prove the partial index applies."""
+    c = table.c
+    return and_(c.replayed_at.is_(None), or_(c.finished_at.is_(None), c.lost_reason.is_not(None)))
+
+
+def workers_table(audit_name: str = "celery_publish_audit", meta: MetaData = metadata) -> Table:
+    """Define (or return) the heartbeat table of audit table ``audit_name``: one row per
+    worker instance, upserted by its main process every ``heartbeat_interval`` seconds."""
+    name = f"{audit_name}_workers"
+    if name in meta.tables:
+        return meta.tables[name]
+    ts = DateTime(timezone=True)
+    return Table(
+        name,
+        meta,
+        # Random per boot of a worker's main process (nodename and pid repeat across restarts).
+        Column("instance_id", String(36), primary_key=True),
+        Column("nodename", String(255), nullable=False),
+        Column("pid", Integer, nullable=False),
+        Column("started_at", ts, nullable=False),
+        Column("heartbeat_at", ts, nullable=False),
+        # heartbeat_at + 2 intervals, by the worker's clock: after it, the instance is dead.
+        Column("expires_at", ts, nullable=False),
+        Column("interval_s", Float, nullable=False),
+        # Set by a clean shutdown (``worker_shutdown``): the instance is gone, not dead.
+        Column("stopped_at", ts),
+    )
