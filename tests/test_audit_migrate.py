@@ -25,7 +25,7 @@ from otel_celery_publish import audit
 from otel_celery_publish.audit import migrate
 from otel_celery_publish.audit.schema import audit_table, workers_table
 from otel_celery_publish.audit.writer import make_engine
-from otel_celery_publish.config import Settings
+from otel_celery_publish.config import Settings, SettingsError
 from tests.audit_support import celery_audit, cli, one_line_error, row, stored, validated
 
 # The table as the writer created it before migrations existed (no replay bookkeeping columns,
@@ -330,3 +330,15 @@ def test_migrate_through_the_celery_entry_point(tmp_path: Path, pg_url: str) -> 
     assert done.returncode == 0, done.stderr
     assert validated("migrate", done.stdout)["action"] == "created"
     assert stored_versions(settings) == [migrate.HEAD]
+
+
+@pytest.mark.parametrize("name", ["x" * 44, "bad-name", "1abc", 'q"; drop'])
+def test_migrations_refuse_a_table_name_postgresql_cannot_hold(name: str, tmp_path: Path) -> None:
+    """upgrade() and upgrade_sql() refuse a bad table name before touching any database."""
+    with pytest.raises(SettingsError, match="table_name"):
+        migrate.upgrade_sql("postgresql", name)
+    engine = make_engine(f"sqlite:///{tmp_path / 'never.db'}")
+    with pytest.raises(SettingsError, match="table_name"):
+        migrate.upgrade(engine, name)
+    engine.dispose()
+    assert not (tmp_path / "never.db").exists()

@@ -22,6 +22,8 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import Column, Connection, Engine, MetaData, String, Table, func, inspect, select
 from sqlalchemy.engine import make_url
 
+from otel_celery_publish.config import check_table_name
+
 # The newest revision in ``migrations/versions`` (a test checks they agree).
 HEAD = "0002"
 SCRIPT_LOCATION = "otel_celery_publish.audit:migrations"
@@ -61,6 +63,7 @@ def upgrade(engine: Engine, table_name: str) -> None:
     database's write lock, taken up front), then find the work done. The engine may be an
     autocommit one (the writer's): the migration still runs in a transaction of its own.
     """
+    check_table_name(table_name)
     with suppress_instrumentation(), engine.connect() as conn:
         if current(conn, table_name) == HEAD:
             return
@@ -92,6 +95,7 @@ def _upgrade_sqlite(conn: Connection, table_name: str) -> None:
 
 def upgrade_sql(dialect_name: str, table_name: str) -> str:
     """The DDL :func:`upgrade` would run on an empty database, as a SQL script (offline)."""
+    check_table_name(table_name)
     buffer = io.StringIO()
     _alembic_upgrade(table_name, dialect_name=dialect_name, output_buffer=buffer)
     return buffer.getvalue()
