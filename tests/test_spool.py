@@ -17,7 +17,16 @@ from sqlalchemy import create_engine, inspect, text
 
 from otel_celery_publish import Settings
 from otel_celery_publish.audit import spool as spool_mod
-from otel_celery_publish.audit.spool import HEADER, Spool, SpoolFull, adopt_orphans, decode, encode
+from otel_celery_publish.audit.spool import (
+    HEADER,
+    Decoded,
+    Spool,
+    SpoolFull,
+    adopt_orphans,
+    check_row,
+    decode,
+    encode,
+)
 from otel_celery_publish.audit.writer import AuditWriter
 from tests.otlp_receiver import wait_for
 
@@ -32,23 +41,29 @@ def test_records_round_trip_and_a_torn_tail_is_left_out() -> None:
     """decode() returns whole records and stops at a record cut short by a crash."""
     rows = [_row("a"), {**_row("b"), "payload": b"\x00\xff", "options": {"x": [1, 2.5, None]}}]
     data = b"".join(encode(r) for r in rows)
-    assert decode(data) == (rows, len(data))
-    assert decode(data + encode(_row("c"))[:-1]) == (rows, len(data))
+    assert decode(data, check_row) == Decoded(rows, len(data), [], None)
+    assert decode(data + encode(_row("c"))[:-1], check_row) == Decoded(rows, len(data), [], None)
 
 
 def test_a_corrupt_record_is_not_read_past() -> None:
     """A record whose CRC does not match ends the readable part (no garbage is shipped)."""
     first, second = encode(_row("a")), bytearray(encode(_row("b")))
     second[-1] ^= 0xFF
-    assert decode(first + bytes(second)) == ([_row("a")], len(first))
+    decoded = decode(first + bytes(second))
+    assert (decoded.rows, decoded.used) == ([_row("a")], len(first))
+    assert decoded.corrupt == "a record whose CRC does not match"
 
 
 def test_spool_files_cannot_run_code() -> None:
-    """A pickle naming anything but a row's types is refused instead of executed."""
+    """A pickle naming anything but a row's types is refused, not executed; the next record
+    is still read."""
     evil = pickle.dumps(os.system)
     frame = HEADER.pack(len(evil), zlib.crc32(evil)) + evil
-    with pytest.raises(pickle.UnpicklingError, match="not part of an audit row"):
-        decode(frame)
+    decoded = decode(frame + encode(_row("a")))
+    assert decoded.rows == [_row("a")]
+    assert decoded.used == len(frame) + len(encode(_row("a")))
+    [why] = decoded.refused
+    assert "posix.system is not part of an audit row" in why
 
 
 def test_orphan_with_torn_tail_is_shipped_and_deleted(
