@@ -77,6 +77,8 @@ def refusal_rows() -> dict[str, dict[str, Any]]:
         "the replay": row(replay_of=replayed["publish_id"], published_at=ago(4), sent_at=ago(4)),
         "expired": row(sent_at=ago(20), expires=ago(10)),
         "redacted": row(sent_at=ago(20), payload_redacted=True),
+        "headers redacted": row(sent_at=ago(20), options={
+            "serializer": "json", "headers": {"authorization": "***"}, "headers_redacted": True}),
         "unregistered": row(sent_at=ago(20), task_name="tests.not_in_this_app"),
         "no payload": row(payload=None, error="payload of 9999999 bytes exceeds max"),
         "pickled": row(payload=pickle.dumps(((2, 3), {}, {})),
@@ -86,7 +88,8 @@ def refusal_rows() -> dict[str, dict[str, Any]]:
 
 
 def test_refusals_say_why_and_flags_lift_them(tmp_path: Path, pg_url: str) -> None:
-    """Succeeded, replayed and expired need --force, redacted --allow-redacted, unregistered
+    """Succeeded, replayed and expired need --force, redacted payloads or headers
+    --allow-redacted, unregistered
     --allow-unregistered; no payload and untrusted content are never sent."""
     settings = database("sqlite", tmp_path, pg_url)
     rows = refusal_rows()
@@ -103,6 +106,7 @@ def test_refusals_say_why_and_flags_lift_them(tmp_path: Path, pg_url: str) -> No
     assert "already replayed" in str(default["replayed, bookkeeping lost"])
     assert "expired" in str(default["expired"])
     assert "redacted when published" in str(default["redacted"])
+    assert "custom headers were redacted" in str(default["headers redacted"])
     assert "not registered in this app" in str(default["unregistered"])
     assert "no stored payload (payload of 9999999 bytes" in str(default["no payload"])
     assert "untrusted content" in str(default["pickled"])

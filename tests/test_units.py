@@ -120,6 +120,7 @@ def test_as_text_bounds_and_strips_nul() -> None:
     cut = hdr.as_text("x" * 10_000)
     assert len(cut) == hdr.MAX_TEXT and cut.endswith(hdr.TRUNCATED)
     assert hdr.as_text("x" * hdr.MAX_TEXT) == "x" * hdr.MAX_TEXT
+    assert [len(hdr.as_text("y" * 50, limit)) for limit in (0, 1, 5, 12, 13)] == [0, 1, 5, 12, 13]
 
 
 # -- timing --------------------------------------------------------------------------------

@@ -90,7 +90,8 @@ def as_text(value: Any, limit: int = MAX_TEXT) -> str:
     text = ("" if value is None else str(value)).replace("\x00", "")
     if len(text) <= limit:
         return text
-    return text[: limit - len(TRUNCATED)] + TRUNCATED
+    marker = TRUNCATED[:limit]
+    return text[: limit - len(marker)] + marker
 
 
 def replay_links(headers: Mapping[str, Any]) -> list[trace.Link]:

@@ -14,6 +14,7 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
     BaseInstrumentor,
 )
 
+from otel_celery_publish import _guard
 from otel_celery_publish._guard import guard
 from otel_celery_publish.audit.writer import AuditWriter
 from otel_celery_publish.config import Settings
@@ -91,6 +92,8 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         settings = Settings.from_env(**kwargs)
+        # What our Sentry events and log lines must never show, wherever it turns up.
+        _guard.configure(redact_keys=settings.redact_keys, urls=[settings.audit_url])
         self._tracer_provider = kwargs.get("tracer_provider")
         self._meter_provider = kwargs.get("meter_provider")
         tracer = trace.get_tracer(

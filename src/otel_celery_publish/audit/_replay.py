@@ -280,6 +280,11 @@ def _refusal(
             "--allow-redacted sends it as stored",
         ),
         (
+            bool((row.options or {}).get("headers_redacted")) and not policy.allow_redacted,
+            "some of its custom headers were redacted when published (stored as '***'); "
+            "--allow-redacted sends them as stored",
+        ),
+        (
             row.task_name not in registered and not policy.allow_unregistered,
             f"task {row.task_name!r} is not registered in this app; --allow-unregistered",
         ),
