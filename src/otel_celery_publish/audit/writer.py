@@ -21,6 +21,26 @@ shipped by the next process that starts on the same spool directory (see :mod:`.
 Every write is an upsert keyed by ``publish_id`` that sets only the columns it carries, so writes
 commute (a worker update may land before the publish row it updates) and shipping a record twice
 stores it once.
+
+Deadlines. A database that accepts connections but never answers (a hung server, a route
+black-holed after the handshake) is invisible to the kernel's timeouts: it acknowledges what we
+send. So every wait on the audit database has a client-side deadline (:class:`DeadlineExceeded`
+when it passes; the connection is then closed and dropped, its protocol state is unknown):
+
+* a ``sync`` publish has one deadline, ``db_timeout`` from its start, covering the wait for the
+  shared sync connection, the engine's setup (a cold process connects and migrates), connecting
+  and the statement; past it the row goes to the spool. PostgreSQL's waits go through
+  psycopg's ``Connection.wait``, which takes a timeout: a subclass passes the deadline's rest.
+* the shipping thread's operations are bounded by ``SHIP_TIMEOUT_FACTOR * db_timeout`` each
+  (connecting by ``db_timeout``): a batch moves up to a 512 KB spool chunk or ``max_pending``
+  rows in one statement and may wait for row locks, so it gets more time than one row, but a
+  hung connection is dropped and retried with backoff instead of holding the thread forever.
+* a dropped connection's server session may live on, holding the row locks of half a batch:
+  the next connection terminates it (see :func:`_bound_connections`).
+
+Refusals. A record the database refuses (see :mod:`.quarantine`) must not stall the records
+behind it: a refused batch is repaired and retried, then split in halves until the refused
+records stand alone; those are quarantined on disk, counted and reported.
 """
 
 from __future__ import annotations
@@ -34,7 +54,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +67,7 @@ from sqlalchemy.sql.dml import Insert
 
 from otel_celery_publish._guard import report
 from otel_celery_publish.audit.migrate import upgrade
+from otel_celery_publish.audit.quarantine import Quarantine, is_refusal, reason_of, repair
 from otel_celery_publish.audit.schema import audit_table
 from otel_celery_publish.audit.spool import Spool, SpoolFull, adopt_orphans, target_dir
 from otel_celery_publish.config import Settings
@@ -63,7 +84,154 @@ ROTATE_AT_BYTES = 4 << 20
 ADOPT_EVERY_S = 60.0
 # Batches of at least this many rows go to PostgreSQL through COPY.
 COPY_MIN_ROWS = 100
+# One operation of the shipping thread may take this many times db_timeout (see the docstring).
+SHIP_TIMEOUT_FACTOR = 10.0
+# Migrations may legitimately run long (an index on a big table): their statements get this.
+MIGRATE_TIMEOUT_S = 600.0
 _INHERITED: list[Any] = []
+
+
+class _Deadline(threading.local):
+    """Per thread: ``at``, the monotonic time its current database work must end by (None: no
+    deadline), and ``op``, a per-operation bound overriding the connection's own. Class-level
+    defaults: reading a missing attribute would raise and catch, ~0.5 us per wait."""
+
+    at: float | None = None
+    op: float | None = None
+
+
+_deadline = _Deadline()
+
+
+class DeadlineExceeded(Exception):
+    """The audit database did not answer (or the sync connection was not free) in time."""
+
+
+@contextlib.contextmanager
+def _bounded(at: float | None = None, op: float | None = None) -> Iterator[None]:
+    """Within the block, database waits of this thread end by ``at`` (the earlier of it and an
+    enclosing deadline) and each takes at most ``op`` seconds."""
+    saved = _deadline.at, _deadline.op
+    if at is not None and saved[0] is not None:
+        at = min(at, saved[0])
+    _deadline.at = saved[0] if at is None else at
+    _deadline.op = saved[1] if op is None else op
+    try:
+        yield
+    finally:
+        _deadline.at, _deadline.op = saved
+
+
+_PG_CONNECTION: Any = None
+
+
+def _pg_connection_class() -> Any:
+    """A psycopg ``Connection`` whose every wait ends by the thread's deadline (or its own
+    per-operation bound), built on first use: psycopg is an optional dependency."""
+    global _PG_CONNECTION  # noqa: PLW0603 - one class per process, created lazily
+    if _PG_CONNECTION is not None:
+        return _PG_CONNECTION
+    import psycopg  # noqa: PLC0415 - only with PostgreSQL (the optional extra)
+    from psycopg import errors  # noqa: PLC0415
+
+    wait_timeout = errors._WaitTimeout  # what psycopg's wait functions raise on their timeout
+    base_wait = psycopg.Connection.wait
+    monotonic = time.monotonic
+
+    class AuditDeadline(psycopg.OperationalError, DeadlineExceeded):
+        """Our deadline passed; an OperationalError so SQLAlchemy treats it as a disconnect."""
+
+    class BoundedConnection(psycopg.Connection[Any]):
+        op_timeout = 30.0
+        # The engine's list of backends we abandoned (see _bound_connections).
+        abandoned: list[int] | None = None
+
+        @classmethod
+        def _connect_gen(cls, conninfo: str = "") -> Any:
+            # libpq's connect_timeout is whole seconds, 2 at least; psycopg's wait_conn wakes
+            # us every 0.1 s whatever it waits for, so this checks our deadline as often.
+            gen = super()._connect_gen(conninfo)
+            at = _deadline.at
+            try:
+                item = next(gen)
+                while True:
+                    if at is not None and time.monotonic() >= at:
+                        gen.close()  # frees the half-open PGconn: its socket is closed
+                        raise AuditDeadline("audit database: no connection within the deadline")
+                    item = gen.send((yield item))
+            except StopIteration as stop:
+                return stop.value
+
+        def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+            # On every round trip of the sync publish: kept to a few attribute reads.
+            limit = _deadline.op or self.op_timeout
+            at = _deadline.at
+            if at is not None:
+                left = at - monotonic()
+                if left < limit:
+                    limit = left if left > 0.0 else 0.0
+            if timeout is not None and timeout <= limit:
+                return base_wait(self, gen, interval, timeout)  # the caller's is stricter
+            try:
+                return base_wait(self, gen, interval, limit)
+            except wait_timeout:
+                # Mid-protocol: the connection cannot be reused. Closed, SQLAlchemy sees a
+                # disconnect and invalidates it (and the rest of its pool). Its server side
+                # may live on (see _bound_connections): remember it.
+                if self.abandoned is not None and self.pgconn.backend_pid:
+                    self.abandoned.append(self.pgconn.backend_pid)
+                self.close()
+                raise AuditDeadline(f"audit database did not answer within {limit:.2f}s") from None
+
+    _PG_CONNECTION = BoundedConnection
+    return BoundedConnection
+
+
+# Our sessions' name on the server, unless the URL gives one: what _terminate looks for.
+APPLICATION_NAME = "otel-celery-publish"
+_TERMINATE = (
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s) "
+    "AND application_name = current_setting('application_name') AND pid <> pg_backend_pid()"
+)
+
+
+def _bound_connections(engine: Engine, connect_timeout: float, op_timeout: float) -> None:
+    """Make ``engine`` connect through :func:`_pg_connection_class` with these bounds.
+
+    A connection we abandon at its deadline may have delivered half a batch: the server ran
+    some of its upserts and waits for the rest (and the final Sync) in an open transaction,
+    holding those rows' locks; on a black-holed route it notices only by TCP keepalive, hours
+    later. Every retry of those rows would wait for those locks. So the next connection that
+    succeeds terminates the backends we abandoned - only sessions of our own application name
+    (a reused pid is then at worst another audit session, whose write is retried).
+    """
+    connection_class = _pg_connection_class()
+    abandoned: list[int] = []
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        # The engine's dict: copied, not changed. Autocommit from the start, as the engine
+        # sets it anyway, so _terminate's statement opens no transaction.
+        params = {"application_name": APPLICATION_NAME, **cparams, "autocommit": True}
+        with _bounded(at=time.monotonic() + connect_timeout):
+            conn = connection_class.connect(*cargs, **params)
+            conn.op_timeout = op_timeout
+            conn.abandoned = abandoned
+            if abandoned:
+                _terminate(conn, abandoned)
+        return conn
+
+
+def _terminate(conn: Any, abandoned: list[int]) -> None:
+    pids = abandoned[:]
+    del abandoned[: len(pids)]
+    try:
+        conn.execute(_TERMINATE, (pids,)).close()
+    except Exception as exc:
+        if conn.closed:
+            raise  # this connection failed too: an outage, reported by the caller
+        # No right to (pg_signal_backend): the server's keepalive will, eventually.
+        logger.warning("otel-celery-publish: could not end abandoned audit sessions: %r", exc)
 
 
 @dataclass
@@ -89,12 +257,15 @@ class _Prepared:
         return values if self.positions is None else tuple(values[k] for k in self.positions)
 
 
-def make_engine(url: str, timeout: float = 2.0) -> Engine:
+def make_engine(url: str, timeout: float = 2.0, *, op_timeout: float | None = None) -> Engine:
     """An autocommit engine for the audit database, bounded waits, WAL on SQLite.
 
     Autocommit: every write is one idempotent upsert statement, so an explicit transaction
     would only add BEGIN and COMMIT round trips to the publish path (~0.2 ms on loopback).
     ``timeout`` bounds connecting and unacknowledged sends (PostgreSQL) or lock waits (SQLite).
+    ``op_timeout`` (PostgreSQL, the writer's engine) bounds every wait for the server on the
+    client side too, connecting included (by ``timeout``), and makes the calling thread's
+    deadline apply (see the module docstring); the read side's long queries go without.
     """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": timeout}, isolation_level="AUTOCOMMIT")
@@ -115,7 +286,12 @@ def make_engine(url: str, timeout: float = 2.0) -> Engine:
             "connect_timeout": max(2, round(timeout)),  # libpq: whole seconds, 2 at least
             "tcp_user_timeout": int(timeout * 1000),
         }
-        return create_engine(url, connect_args=connect_args, isolation_level="AUTOCOMMIT")
+        engine = create_engine(
+            url, connect_args=connect_args, isolation_level="AUTOCOMMIT", pool_timeout=timeout
+        )
+        if op_timeout is not None:
+            _bound_connections(engine, timeout, op_timeout)
+        return engine
     scheme = url.split(":", 1)[0]
     raise ValueError(f"unsupported audit database {scheme!r}: use postgresql or sqlite")
 
@@ -143,31 +319,64 @@ class Database:
         self._raw: Any = None  # the DBAPI connection (psycopg or sqlite3) for sync rows
         self._dialect = ""
         self._prepared: dict[tuple[str, ...], _Prepared] = {}
+        self._busy_ms = 0  # SQLite: the sync connection's current lock wait bound
 
     def engine(self) -> Engine:
         with self._lock:
-            if self._engine is None:
-                engine = make_engine(self.settings.audit_url, self.settings.db_timeout)
-                if self.settings.create_schema:
-                    upgrade(engine, self.table.name)
-                self._engine = engine
-            return self._engine
+            return self._build()
 
-    def insert_now(self, row: Row) -> None:
-        """Commit one row through the raw driver: a prepared upsert, no ORM, no transaction."""
+    def _build(self) -> Engine:
+        """The engine, created (and the schema migrated) on first use; the caller holds _lock."""
+        if self._engine is None:
+            timeout = self.settings.db_timeout
+            engine = make_engine(
+                self.settings.audit_url, timeout, op_timeout=timeout * SHIP_TIMEOUT_FACTOR
+            )
+            if self.settings.create_schema:
+                try:
+                    with _bounded(op=MIGRATE_TIMEOUT_S):
+                        upgrade(engine, self.table.name)
+                except BaseException:
+                    engine.dispose()
+                    raise
+            self._engine = engine
+        return self._engine
+
+    def insert_now(self, row: Row, deadline: float | None = None) -> None:
+        """Commit one row through the raw driver: a prepared upsert, no ORM, no transaction.
+
+        Everything - waiting for the sync connection, setting the engine up, connecting, the
+        statement - ends by ``deadline`` (monotonic; default ``db_timeout`` from now), else
+        :class:`DeadlineExceeded` (or the driver's error) and the connection is dropped.
+        """
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.db_timeout
+        if not self._sync_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise DeadlineExceeded(
+                f"the audit connection stayed busy for {self.settings.db_timeout}s "
+                "(another publish is waiting for the database)"
+            )
         columns = tuple(row)
-        with self._sync_lock, suppress_instrumentation():
-            try:
+        saved = _deadline.at
+        _deadline.at = deadline  # read by the PostgreSQL connection's waits
+        try:
+            with suppress_instrumentation():
                 if self._raw is None:
-                    self._raw = self._connect_sync()
+                    self._raw = self._connect_sync(deadline)
                 prepared = self._prepared.get(columns) or self._prepare(columns)
                 if self._dialect == "postgresql":
                     self._raw.execute(prepared.sql, prepared.params(row), prepare=True).close()
                 else:
+                    self._sqlite_busy(deadline)
                     self._raw.execute(prepared.sql, prepared.params(row)).close()
-            except BaseException:
+        except BaseException as exc:
+            # A refused value leaves the connection as it was; anything else may not have.
+            if not (isinstance(exc, Exception) and is_refusal(exc)) or self._broken():
                 self._drop_sync()
-                raise
+            raise
+        finally:
+            _deadline.at = saved
+            self._sync_lock.release()
 
     def upsert(self, rows: list[Row]) -> None:
         """Upsert ``rows`` (merged per publish_id), one executemany per distinct column set."""
@@ -181,7 +390,15 @@ class Database:
         with suppress_instrumentation(), engine.connect() as conn:
             for columns, group in groups.items():
                 if engine.dialect.name == "postgresql" and len(group) >= COPY_MIN_ROWS:
-                    self._copy_upsert(conn, columns, group)
+                    try:
+                        self._copy_upsert(conn, columns, group)
+                    except Exception:
+                        # Raw driver calls: SQLAlchemy did not see a disconnect; tell it, or
+                        # the pool would try to reset a closed connection.
+                        raw = conn.connection.driver_connection
+                        if raw is None or raw.closed:
+                            conn.invalidate()
+                        raise
                     continue
                 stmt = self._statements.get(columns)
                 if stmt is None:
@@ -224,14 +441,22 @@ class Database:
             )
 
     def dispose(self) -> None:
-        """Close every connection; the next call reconnects."""
-        with self._lock, self._sync_lock:
-            self._drop_sync()
-            if self._engine is not None:
-                self._engine.dispose()
-                self._engine = None
-            self._statements.clear()
-            self._prepared.clear()
+        """Close every connection; the next call reconnects. Gives up (connections left to
+        the process's end) if the shipping thread holds the engine longer than one of its
+        operations may take: a migration on a database that hung half-way."""
+        if not self._lock.acquire(timeout=self.settings.db_timeout * SHIP_TIMEOUT_FACTOR):
+            logger.warning("otel-celery-publish: audit engine busy (migrating?); not disposed")
+            return
+        try:
+            with self._sync_lock:
+                self._drop_sync()
+                if self._engine is not None:
+                    self._engine.dispose()
+                    self._engine = None
+                self._statements.clear()
+                self._prepared.clear()
+        finally:
+            self._lock.release()
 
     def forget(self) -> None:
         """In a forked child: let go of the parent's connections without closing them (the
@@ -243,16 +468,46 @@ class Database:
         if self._engine is not None:
             self._engine.dispose(close=False)
 
-    def _connect_sync(self) -> Any:
-        engine = self.engine()
+    def _connect_sync(self, deadline: float) -> Any:
+        engine = self._engine
+        if engine is None:
+            # A cold process: the shipping thread is probably connecting and migrating now.
+            # Wait for it (or do it) only as long as this publish may take.
+            if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise DeadlineExceeded(
+                    f"the audit database was not set up within {self.settings.db_timeout}s "
+                    "(connecting and migrating)"
+                )
+            try:
+                engine = self._build()
+            finally:
+                self._lock.release()
         self._fairy = engine.raw_connection()
         self._dialect = engine.dialect.name
         raw = self._fairy.driver_connection
         if self._dialect == "postgresql":
-            # Bound a hung server too, not just a dead one (connect/tcp timeouts cover that).
+            # The server gives up too (a lock wait), not just our side of the connection.
             ms = str(int(self.settings.db_timeout * 1000))
             raw.execute("SELECT set_config('statement_timeout', %s, false)", (ms,)).close()
+        else:
+            self._busy_ms = int(self.settings.db_timeout * 1000)  # sqlite3's timeout
         return raw
+
+    def _sqlite_busy(self, deadline: float) -> None:
+        """Bound SQLite's lock wait by what is left of the deadline (only rewritten when that
+        differs: a pragma costs a few microseconds, an uncontended publish needs none)."""
+        ms = int((deadline - time.monotonic()) * 1000)
+        if ms <= 0:
+            raise DeadlineExceeded("no time left for the audit database")
+        if ms < self._busy_ms * 0.9 or ms > self._busy_ms:
+            self._raw.execute(f"PRAGMA busy_timeout = {ms}").close()
+            self._busy_ms = ms
+
+    def _broken(self) -> bool:
+        raw = self._raw
+        return raw is not None and bool(
+            getattr(raw, "closed", False) or getattr(raw, "broken", False)
+        )
 
     def _prepare(self, columns: tuple[str, ...]) -> _Prepared:
         dialect = self.engine().dialect
@@ -274,6 +529,68 @@ class Database:
         if fairy is not None:
             with contextlib.suppress(Exception):  # already failing; that error is reported
                 fairy.invalidate()
+
+
+def ship_isolating(
+    write: Callable[[list[Row]], None],
+    rows: list[Row],
+    table: Table,
+    refused: Callable[[Row, BaseException], None],
+    *,
+    error: BaseException | None = None,
+) -> None:
+    """``write(rows)``; if the database refuses the data (not an outage: that raises), repair
+    the rows and retry, then split the batch until each refused record stands alone and hand
+    it to ``refused``. One bad record costs about 2 log2(len(rows)) extra statements, only when
+    it occurs; ``error`` is a refusal already met by the caller's own first attempt."""
+    if error is None:
+        try:
+            write(rows)
+            return
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            error = exc
+    pairs = [(row, repair(row, table)) for row in rows]
+    fixes = [(row, fixed[0]) for row, fixed in pairs if fixed is not None]
+    candidates = [(row, row if fixed is None else fixed[0]) for row, fixed in pairs]
+    if fixes:
+        notes = next(fixed[1] for _, fixed in pairs if fixed is not None)
+        report(
+            "audit record repaired",
+            error,
+            f"the audit database refused {len(fixes)} record(s) ({reason_of(error)}); "
+            f"repaired, e.g. {fixes[0][0].get('publish_id')}: {'; '.join(notes)}",
+        )
+        try:
+            write([fixed for _, fixed in candidates])
+            return
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            error = exc
+    _bisect(write, candidates, error, refused)
+
+
+def _bisect(
+    write: Callable[[list[Row]], None],
+    candidates: list[tuple[Row, Row]],
+    error: BaseException,
+    refused: Callable[[Row, BaseException], None],
+) -> None:
+    """``candidates`` (original, repaired) were refused together with ``error``: write each
+    half alone, recursing into a refused half; a lone refused record goes to ``refused``."""
+    if len(candidates) == 1:
+        refused(candidates[0][0], error)
+        return
+    middle = len(candidates) // 2
+    for half in (candidates[:middle], candidates[middle:]):
+        try:
+            write([fixed for _, fixed in half])
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            _bisect(write, half, exc, refused)
 
 
 class AuditWriter:
@@ -302,6 +619,7 @@ class AuditWriter:
             unit="{record}",
             description="Audit records lost: spool full or unwritable and memory queue full",
         )
+        self._quarantined = _quarantine_counter(meter)
         meter.create_observable_gauge(
             "celery.audit.spool.backlog",
             callbacks=[self._observe_backlog],
@@ -336,6 +654,8 @@ class AuditWriter:
         self._spool = Spool(
             self.spool_dir, fsync=self.settings.spool_fsync, max_bytes=self.settings.spool_max_bytes
         )
+        # Its lock too: a parent thread may have held it at fork time.
+        self._quarantine = Quarantine(self.spool_dir, self._quarantined.add)
         self._queue: queue.SimpleQueue[Row | _Flush] = queue.SimpleQueue()
         # The thread sleeps on this, not on the queue: a put must not wake it (a thread switch
         # per event costs the task or publish that made it), only flush/close and a backlog.
@@ -350,26 +670,61 @@ class AuditWriter:
     # -- write paths -----------------------------------------------------------------------
 
     def record_publish(self, row: Row) -> None:
-        """Make the publish row durable now, as the durability mode says; never raises."""
+        """Make the publish row durable now, as the durability mode says; never raises, and
+        never takes more than ``db_timeout`` (plus a few milliseconds) in ``sync`` mode."""
         mode = self.settings.durability
         if mode == "sync":
+            if self._thread is None:
+                self._start()  # it sets the engine up, so this publish need not
             if time.monotonic() >= self._breaker_until:
+                deadline = time.monotonic() + self.settings.db_timeout
                 try:
-                    self.db.insert_now(row)
+                    self.db.insert_now(row, deadline)
                     return
                 except Exception as exc:
-                    self._breaker_until = time.monotonic() + BREAKER_OPEN_S
-                    report(
-                        "audit write",
-                        exc,
-                        f"audit database unavailable ({exc!r}): publish rows go to the spool in "
-                        f"{self.spool_dir} and are shipped when it is back",
-                    )
+                    if self._sync_refused(row, exc, deadline):
+                        return
             self._fallbacks.add(1)
         if mode == "async":
             self._enqueue(row)
         else:
             self._to_spool(row)
+
+    def _sync_refused(self, row: Row, exc: Exception, deadline: float) -> bool:
+        """After a failed sync write: True when the row was refused and is now repaired and
+        committed, or quarantined; False (the row goes to the spool) on an outage, which opens
+        the breaker: publishes skip the database for a while, a dead one costs one timeout."""
+        if is_refusal(exc):
+            try:
+                ship_isolating(
+                    lambda rows: self.db.insert_now(rows[0], deadline),
+                    [row],
+                    self.table,
+                    self._refused,
+                    error=exc,
+                )
+                return True
+            except Exception as again:
+                exc = again
+        self._breaker_until = time.monotonic() + BREAKER_OPEN_S
+        report(
+            "audit write",
+            exc,
+            f"audit database unavailable ({exc!r}): publish rows go to the spool in "
+            f"{self.spool_dir} and are shipped when it is back",
+        )
+        return False
+
+    def _refused(self, row: Row, exc: BaseException) -> None:
+        """A record refused even repaired: to the quarantine file (raises if the disk refuses
+        it too: then it stays where it is and is retried), counted and reported."""
+        path = self._quarantine.put(row, exc)
+        report(
+            "audit record quarantined",
+            exc,
+            f"the audit database refused record {row.get('publish_id')} (task "
+            f"{row.get('task_id')}): {reason_of(exc)}; kept in {path} (see celery audit drain)",
+        )
 
     def record_event(self, row: Row, *, durable: bool = True) -> None:
         """A partial row (must hold ``publish_id``) for the batched upsert: to the spool in
@@ -464,13 +819,13 @@ class AuditWriter:
         try:
             self.db.engine()  # connect (and migrate) here, not on the first publish
             if pending:
-                self.db.upsert(list(pending.values()))
+                self._write(list(pending.values()))
                 pending.clear()
             if self._spool.pending():
-                self._spool.ship(self.db.upsert, ROTATE_AT_BYTES)
+                self._spool.ship(self._write, ROTATE_AT_BYTES)
             if time.monotonic() >= self._next_adopt:
                 self._next_adopt = time.monotonic() + ADOPT_EVERY_S
-                adopt_orphans(self.spool_dir, self.db.upsert)
+                adopt_orphans(self.spool_dir, self._write)
             return True
         except Exception as exc:
             report(
@@ -481,6 +836,9 @@ class AuditWriter:
             )
             self._spill(pending)
             return False
+
+    def _write(self, rows: list[Row]) -> None:
+        ship_isolating(self.db.upsert, rows, self.table, self._refused)
 
     def _spill(self, pending: dict[str, Row]) -> None:
         for publish_id in list(pending):
@@ -520,12 +878,43 @@ class AuditWriter:
                 report("audit queue full", exc, str(exc))
 
 
+def _quarantine_counter(meter: metrics.Meter) -> metrics.Counter:
+    return meter.create_counter(
+        "celery.audit.quarantined",
+        unit="{record}",
+        description="Audit records the database refused even repaired; kept in the quarantine",
+    )
+
+
 def drain_spool(settings: Settings) -> int:
-    """Ship the spool leftovers of dead processes now; return the number of records shipped."""
-    db = Database(settings, audit_table(settings.table_name))
-    try:
-        return adopt_orphans(
-            target_dir(settings.spool_dir, settings.audit_url, settings.table_name), db.upsert
+    """Ship the spool leftovers of dead processes now; return the number of records stored.
+
+    A record the database refuses is repaired or quarantined like in the shipping thread
+    (listed by :func:`~otel_celery_publish.audit.quarantine.quarantined`), so one bad record
+    never makes every drain fail.
+    """
+    table = audit_table(settings.table_name)
+    db = Database(settings, table)
+    directory = target_dir(settings.spool_dir, settings.audit_url, settings.table_name)
+    counter = _quarantine_counter(metrics.get_meter("otel_celery_publish"))
+    refused = 0
+
+    def quarantine(row: Row, exc: BaseException) -> None:
+        nonlocal refused
+        path = store.put(row, exc)
+        refused += 1
+        report(
+            "audit record quarantined",
+            exc,
+            f"the audit database refused record {row.get('publish_id')} (task "
+            f"{row.get('task_id')}): {reason_of(exc)}; kept in {path}",
         )
+
+    store = Quarantine(directory, counter.add)
+    try:
+        shipped = adopt_orphans(
+            directory, lambda rows: ship_isolating(db.upsert, rows, table, quarantine)
+        )
+        return shipped - refused
     finally:
         db.dispose()
