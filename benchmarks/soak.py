@@ -145,7 +145,7 @@ def main() -> int:  # noqa: PLR0915 - one linear scenario, read top to bottom
                 proxy.hang() if name == "hang" else proxy.stop()
                 if stop.wait(max(0.0, t0 + end - time.monotonic())):
                     return
-                proxy.resume() if name == "hang" else proxy.start()
+                proxy.heal() if name == "hang" else proxy.start()
                 print(f"{time.monotonic() - t0:7.1f}s  {name} ends", flush=True)
 
         threads = [threading.Thread(target=publish), threading.Thread(target=faults)]

@@ -1,4 +1,5 @@
-"""Fixtures: a fresh PostgreSQL database, an OTLP/HTTP receiver, real worker processes."""
+"""Fixtures: a fresh PostgreSQL database, an OTLP/HTTP receiver, a broker (Redis, or RabbitMQ
+for the tests that ask for it), real worker processes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import kombu
+import kombu.pools
 import pytest
+import redis
 from celery import Celery
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -20,7 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from otel_celery_publish import CeleryPublishInstrumentor, _guard
+from otel_celery_publish import CeleryPublishInstrumentor, _celery, _guard
 from otel_celery_publish.audit.schema import audit_table
 from tests.app import app
 from tests.otlp_receiver import Receiver, serve, wait_for
@@ -29,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PG_ADMIN = os.environ.get("OCP_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BROKER = os.environ.get("OCP_BROKER_URL", "redis://127.0.0.1:6379/9")
+RABBITMQ = os.environ.get("OCP_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 @pytest.fixture(autouse=True)
@@ -109,6 +114,68 @@ def queue_name(request: pytest.FixtureRequest) -> str:
 
 
 @dataclass
+class Broker:
+    """The broker of one test: its URL, its ``messaging.system`` and the queues to delete."""
+
+    name: str
+    url: str
+    system: str
+    queues: list[str]
+
+    def delete_queues(self) -> None:
+        """Delete every queue the test used, with its messages (and on RabbitMQ the direct
+        exchange Celery declared for it)."""
+        if self.name == "redis":
+            redis.Redis.from_url(self.url).delete(*self.queues)
+            return
+        with kombu.Connection(self.url) as conn:
+            channel = conn.default_channel
+            for queue in self.queues:
+                # RabbitMQ answers ok for a queue or exchange that does not exist.
+                channel.queue_delete(queue)
+                channel.exchange_delete(queue)
+
+
+def use_broker(url: str) -> None:
+    """Point the in-process publisher app (``tests.app.app``) at ``url``.
+
+    Its broker connections live in kombu's pools, keyed by URL, and the app caches the pool it
+    took from them (``app._pool``, ``app.amqp._producer_pool``): reset all three so the next
+    publish opens a connection to ``url``. Our hooks cache ``messaging.system`` per app, read
+    once because broker URLs do not change in a running application; this one does.
+    """
+    kombu.pools.reset()
+    app._pool = None
+    app.amqp._producer_pool = None
+    app.conf.broker_url = url
+    _celery._app_facts.cache_clear()
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest, queue_name: str) -> Iterator[Broker]:
+    """The test's broker: Redis unless parametrized ``indirect`` with ``"rabbitmq"``. Workers
+    started by ``start_worker`` and this process's publishes use it; the test's queue (and any
+    name it adds to ``queues``) is deleted at the end, after the workers stopped."""
+    name = getattr(request, "param", "redis")
+    url = {"redis": BROKER, "rabbitmq": RABBITMQ}[name]
+    found = Broker(name, url, _celery.messaging_system(url), [queue_name])
+    if url != BROKER:
+        use_broker(url)
+    try:
+        yield found
+    finally:
+        try:
+            found.delete_queues()
+        finally:
+            if url != BROKER:
+                use_broker(BROKER)
+
+
+#: ``@both_brokers`` runs a test once on Redis and once on RabbitMQ.
+both_brokers = pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
+
+
+@dataclass
 class Publisher:
     exporter: InMemorySpanExporter
     instrumentor: CeleryPublishInstrumentor
@@ -158,7 +225,7 @@ class Worker:
 
 
 def _ping(nodename: str, broker: str = BROKER) -> bool:
-    control = app if broker == BROKER else Celery("ocp_ping", broker=broker, set_as_current=False)
+    control = app if broker == app.conf.broker_url else Celery("ocp_ping", broker=broker, set_as_current=False)
     try:
         replies = control.control.ping(destination=[nodename], timeout=0.5)
     finally:
@@ -185,9 +252,10 @@ def worker_telemetry_env(pg_url: str, receiver: Receiver) -> dict[str, str]:
 
 @pytest.fixture
 def start_worker(
-    pg_url: str, receiver: Receiver, queue_name: str, tmp_path: Path
+    pg_url: str, receiver: Receiver, queue_name: str, tmp_path: Path, broker: Broker
 ) -> Iterator[Callable[..., Worker]]:
-    """Start ``celery -A tests.app worker`` processes; stopped (warm shutdown) at teardown."""
+    """Start ``celery -A tests.app worker`` processes on the test's broker; stopped (warm
+    shutdown) at teardown."""
     workers: list[Worker] = []
 
     def start(
@@ -208,7 +276,7 @@ def start_worker(
         full_env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
-            "OCP_BROKER_URL": BROKER,
+            "OCP_BROKER_URL": broker.url,
             "OCP_QUEUE": queue or queue_name,
             "OCP_SETUP_SDK": "0" if auto else "1",
             "OTEL_SERVICE_NAME": "ocp-test-worker",
@@ -222,9 +290,9 @@ def start_worker(
         worker = Worker(proc, nodename, log)
         workers.append(worker)
         try:
-            broker = full_env["OCP_BROKER_URL"]
+            url = full_env["OCP_BROKER_URL"]
             wait_for(
-                lambda: proc.poll() is not None or _ping(nodename, broker),
+                lambda: proc.poll() is not None or _ping(nodename, url),
                 60,
                 f"worker {nodename}",
             )

@@ -4,6 +4,7 @@ helpers they use (durations, timeline bars)."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import click
@@ -12,6 +13,8 @@ import pytest
 from otel_celery_publish import audit
 from otel_celery_publish.audit import _store
 from otel_celery_publish.audit.cli import lifecycle_bars, parse_duration, parse_when
+from otel_celery_publish.audit.quarantine import Quarantine
+from otel_celery_publish.audit.spool import target_dir
 from otel_celery_publish.config import Settings
 from otel_celery_publish.timeline import Bar, render
 from tests.audit_support import (
@@ -173,9 +176,31 @@ def test_drain_reports_what_the_writer_shipped(
 
     monkeypatch.setattr(_store, "drain_spool", fake_drain)
     result = cli("drain", "--json", settings=sqlite)
-    assert validated("drain", result.stdout) == {"shipped": 7}
+    assert validated("drain", result.stdout) == {"shipped": 7, "quarantined": []}
     assert [c.audit_url for c in calls] == [sqlite.audit_url]
     assert cli("drain", settings=sqlite).stdout == "shipped 7 spooled record(s)\n"
+
+
+def test_drain_lists_the_quarantine(sqlite: Settings) -> None:
+    """drain shows every record the database refused, with its reason and file, in both forms."""
+    # The CLI's spool directory is the environment's (the session's), not the fixture's default.
+    spool = target_dir(
+        os.environ["OTEL_CELERY_PUBLISH_SPOOL_DIR"], sqlite.audit_url, sqlite.table_name
+    )
+    counted: list[int] = []
+    bad = row(task_id="bad-task", task_name="x" * 300)
+    path = Quarantine(spool, counted.append).put(bad, ValueError("value too long for column"))
+    assert counted == [1] and os.stat(path).st_mode & 0o777 == 0o600
+    listed = validated("drain", cli("drain", "--json", settings=sqlite).stdout)
+    [held] = listed["quarantined"]
+    assert (held["publish_id"], held["task_id"], held["path"]) == (
+        bad["publish_id"],
+        "bad-task",
+        path,
+    )
+    assert "value too long for column" in held["reason"] and held["quarantined_at"]
+    table = cli("drain", settings=sqlite).stdout
+    assert "1 record(s) in quarantine" in table and bad["publish_id"] in table
 
 
 def test_errors_are_one_line(sqlite: Settings, tmp_path: Path) -> None:
@@ -204,6 +229,6 @@ def test_entry_point_commands_and_their_errors(tmp_path: Path, pg_url: str) -> N
     assert validated("prune", pruned.stdout)["deleted"] == 0
     spool = {"OTEL_CELERY_PUBLISH_SPOOL_DIR": str(tmp_path / "spool")}
     drained = celery_audit("drain", "--json", settings=settings, env=spool)
-    assert validated("drain", drained.stdout) == {"shipped": 0}
+    assert validated("drain", drained.stdout) == {"shipped": 0, "quarantined": []}
     unknown = celery_audit("show", "no-such-task", settings=settings)
     one_line_error(unknown.stderr, unknown.returncode, "no audit row for task id 'no-such-task'")

@@ -25,6 +25,8 @@ unknown task id (:class:`UnknownTask`). Times are aware UTC datetimes::
     migrate_schema(*, settings) -> Migration
                                       create/adopt/upgrade the table (Alembic)
     drain(*, settings) -> int         ship the local spool now
+    quarantined(*, settings) -> list[QuarantinedRecord]
+                                      records the database refused, kept on disk
 
 Schema upgrades for code that already holds an engine (the writer):
 :func:`otel_celery_publish.audit.migrate.upgrade`.
@@ -55,8 +57,10 @@ from otel_celery_publish.audit._store import (
     lost,
     migrate_schema,
     prune,
+    quarantined,
     show,
 )
+from otel_celery_publish.audit.quarantine import QuarantinedRecord
 
 __all__ = [
     "Attempt",
@@ -69,6 +73,7 @@ __all__ = [
     "Planned",
     "Policy",
     "PruneResult",
+    "QuarantinedRecord",
     "ReplayReport",
     "ReplayResult",
     "SchemaNotMigrated",
@@ -82,6 +87,7 @@ __all__ = [
     "migrate_schema",
     "plan_replay",
     "prune",
+    "quarantined",
     "replay",
     "send_replay",
     "show",

@@ -37,6 +37,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from otel_celery_publish.audit import migrate
+from otel_celery_publish.audit.quarantine import QuarantinedRecord
+from otel_celery_publish.audit.quarantine import quarantined as read_quarantine
 from otel_celery_publish.audit.schema import audit_table, unfinished_predicate, workers_table
 from otel_celery_publish.audit.writer import drain_spool, make_engine
 from otel_celery_publish.config import Settings
@@ -673,6 +675,15 @@ def migrate_schema(*, settings: Settings | None = None) -> Migration:
         else:
             action = "adopted" if existed else "created"
         return Migration(name, migrate.version_table(name), action, before, migrate.HEAD)
+
+
+def quarantined(*, settings: Settings | None = None) -> list[QuarantinedRecord]:
+    """The records the audit database refused even repaired, kept in the spool's quarantine."""
+    settings = settings or Settings.from_env()
+    try:
+        return read_quarantine(settings)
+    except OSError as exc:
+        raise AuditError(f"cannot read the quarantine in {settings.spool_dir}: {exc}") from None
 
 
 def drain(*, settings: Settings | None = None) -> int:

@@ -637,12 +637,30 @@ def prune(
 @audit.command()
 @_common
 def drain(*, audit_url: str | None, table: str | None, as_json: bool) -> None:
-    """Ship what dead processes left in the local spool now."""
-    shipped = api.drain(settings=_settings(audit_url, table))
+    """Ship what dead processes left in the local spool now; list the quarantined records
+    (refused by the database even after repair, kept on disk)."""
+    settings = _settings(audit_url, table)
+    shipped = api.drain(settings=settings)
+    held = api.quarantined(settings=settings)
     if as_json:
-        _print_json({"shipped": shipped})
-    else:
-        click.echo(f"shipped {shipped} spooled record(s)")
+        _print_json(
+            {
+                "shipped": shipped,
+                "quarantined": [
+                    {k: getattr(q, k) for k in ("publish_id", "task_id", "reason", "path")}
+                    | {"quarantined_at": q.quarantined_at}
+                    for q in held
+                ],
+            }
+        )
+        return
+    click.echo(f"shipped {shipped} spooled record(s)")
+    if held:
+        click.echo(f"\n{len(held)} record(s) in quarantine: the database refused them")
+        _print_table(
+            ["PUBLISH ID", "TASK ID", "QUARANTINED (UTC)", "REASON", "FILE"],
+            [[q.publish_id, q.task_id, _time(q.quarantined_at), q.reason, q.path] for q in held],
+        )
 
 
 # -- output ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from sqlalchemy import JSON, String, Table
 from sqlalchemy import exc as sa_exc
 
 from otel_celery_publish import headers as hdr
-from otel_celery_publish.audit.spool import HEADER, encode, target_dir
+from otel_celery_publish.audit.spool import HEADER, encode, open_dir, target_dir
 from otel_celery_publish.config import Settings
 
 Row = dict[str, Any]
@@ -176,11 +176,18 @@ class Quarantine:
             "quarantined_at": datetime.datetime.now(datetime.timezone.utc),
         }
         frame = encode(entry)
-        path = os.path.join(self.directory, f"{socket.gethostname()}-{os.getpid()}{SUFFIX}")
+        name = f"{socket.gethostname()}-{os.getpid()}{SUFFIX}"
+        path = os.path.join(self.directory, name)
         with self._lock:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            # The spool's own checks: created 0700 (whatever the umask), every directory above
+            # ours or root's, no foreign symlink (raises SpoolRefused, an OSError).
+            dirfd = open_dir(self.directory, create=True)
+            assert dirfd is not None
             flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
-            fd = os.open(path, flags, 0o600)
+            try:
+                fd = os.open(name, flags, 0o600, dir_fd=dirfd)
+            finally:
+                os.close(dirfd)
             try:
                 if os.write(fd, frame) != len(frame):
                     raise OSError(f"short write to quarantine file {path} (disk full?)")

@@ -69,7 +69,13 @@ from otel_celery_publish._guard import report
 from otel_celery_publish.audit.migrate import upgrade
 from otel_celery_publish.audit.quarantine import Quarantine, is_refusal, reason_of, repair
 from otel_celery_publish.audit.schema import audit_table
-from otel_celery_publish.audit.spool import Spool, SpoolFull, adopt_orphans, target_dir
+from otel_celery_publish.audit.spool import (
+    Spool,
+    SpoolFull,
+    SpoolRefused,
+    adopt_orphans,
+    target_dir,
+)
 from otel_celery_publish.config import Settings
 
 logger = logging.getLogger("otel_celery_publish")
@@ -825,7 +831,10 @@ class AuditWriter:
                 self._spool.ship(self._write, ROTATE_AT_BYTES)
             if time.monotonic() >= self._next_adopt:
                 self._next_adopt = time.monotonic() + ADOPT_EVERY_S
-                adopt_orphans(self.spool_dir, self._write)
+                try:
+                    adopt_orphans(self.spool_dir, self._write)
+                except SpoolRefused as exc:  # another user's tree: not a database outage
+                    report("audit spool adopt", exc, str(exc))
             return True
         except Exception as exc:
             report(
