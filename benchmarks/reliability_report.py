@@ -23,8 +23,10 @@ DOC = ROOT / "docs" / "RELIABILITY.md"
 CLASSES = {
     "test_faults_db": "1. publish never held by the database",
     "test_durability": "1. publish never held by the database",
+    "test_full_disk": "1. publish never held by the database",
     "test_bad_records": "2. one bad record never stalls the others",
     "test_liveness": "3. lost tells running from dead",
+    "test_rabbitmq": "3. lost tells running from dead",
     "test_security": "4. security",
     "test_sentry": "4. security",
     "test_spool": "4. security",
