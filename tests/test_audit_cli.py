@@ -191,6 +191,8 @@ def test_drain_lists_the_quarantine(sqlite: Settings) -> None:
     bad = row(task_id="bad-task", task_name="x" * 300)
     path = Quarantine(spool, counted.append).put(bad, ValueError("value too long for column"))
     assert counted == [1] and os.stat(path).st_mode & 0o777 == 0o600
+    # A link planted next to it is not read (it would show whatever it points at).
+    os.symlink(path, os.path.join(os.path.dirname(path), "planted.q"))
     listed = validated("drain", cli("drain", "--json", settings=sqlite).stdout)
     [held] = listed["quarantined"]
     assert (held["publish_id"], held["task_id"], held["path"]) == (

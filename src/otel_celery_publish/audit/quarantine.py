@@ -17,12 +17,11 @@ silently: every quarantined record is logged, sent to Sentry and counted in
 from __future__ import annotations
 
 import datetime
-import io
 import os
 import pickle
 import socket
+import stat
 import threading
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from sqlalchemy import JSON, String, Table
 from sqlalchemy import exc as sa_exc
 
 from otel_celery_publish import headers as hdr
-from otel_celery_publish.audit.spool import HEADER, encode, open_dir, target_dir
+from otel_celery_publish.audit.spool import decode, encode, open_dir, target_dir
 from otel_celery_publish.config import Settings
 
 Row = dict[str, Any]
@@ -48,12 +47,6 @@ _REFUSED_STATES = frozenset({"42804", "54000"})
 _DRIVER_REFUSALS = frozenset({"DataError", "IntegrityError"})
 _BINDING_WORDS = ("adapt", "binding", "parameter", "not supported")
 _KEY = "publish_id"
-# What a quarantined record may hold: all a restricted unpickler will read back.
-_ROW_TYPES = {
-    ("datetime", "datetime"): datetime.datetime,
-    ("datetime", "timezone"): datetime.timezone,
-    ("datetime", "timedelta"): datetime.timedelta,
-}
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, datetime.timedelta})
 _CONTAINERS = frozenset({list, tuple, set, frozenset})
 
@@ -210,33 +203,26 @@ class QuarantinedRecord:
     record: Row
 
 
-class _EntryUnpickler(pickle.Unpickler):
-    """Like the spool's: a quarantine file can never run code."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ROW_TYPES[module, name]
-        except KeyError:
-            raise pickle.UnpicklingError(f"{module}.{name} is not part of an audit row") from None
-
-
 def _entries(data: bytes) -> list[dict[str, Any]]:
-    """The complete, intact entries of a quarantine file (a torn or damaged one ends it)."""
-    found: list[dict[str, Any]] = []
-    pos = 0
-    while pos + HEADER.size <= len(data):
-        length, crc = HEADER.unpack_from(data, pos)
-        frame = data[pos + HEADER.size : pos + HEADER.size + length]
-        if len(frame) < length or zlib.crc32(frame) != crc:
-            break
-        try:
-            entry = _EntryUnpickler(io.BytesIO(frame)).load()
-        except Exception:  # a damaged entry: skip it, keep reading
-            entry = None
-        if type(entry) is dict and type(entry.get("record")) is dict:
-            found.append(entry)
-        pos += HEADER.size + length
-    return found
+    """The intact entries of a quarantine file, read like a spool segment (the same framing and
+    row-types-only unpickler); a damaged entry is skipped, a broken frame ends the file."""
+    decoded = decode(data)
+    return [e for e in decoded.rows if type(e) is dict and type(e.get("record")) is dict]
+
+
+def _read_own(path: str) -> bytes | None:
+    """The content of ``path`` if it is a regular file of ours (never following a link)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        return None
+    with os.fdopen(fd, "rb") as file:
+        st = os.fstat(file.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return None
+        return file.read()
 
 
 def quarantined(settings: Settings) -> list[QuarantinedRecord]:
@@ -254,10 +240,11 @@ def quarantined(settings: Settings) -> list[QuarantinedRecord]:
     for name in names:
         path = os.path.join(directory, name)
         try:
-            with open(path, "rb") as file:
-                data = file.read()
+            data = _read_own(path)
         except FileNotFoundError:
             continue
+        if data is None:
+            continue  # a symlink, not a regular file, or another user's: not ours to show
         for entry in _entries(data):
             record: Row = entry["record"]
             key = pickle.dumps((record, entry.get("reason")))
