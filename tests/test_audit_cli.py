@@ -181,7 +181,7 @@ def test_drain_reports_what_the_writer_shipped(
     assert cli("drain", settings=sqlite).stdout == "shipped 7 spooled record(s)\n"
 
 
-def test_drain_lists_the_quarantine(sqlite: Settings) -> None:
+def test_drain_lists_the_quarantine(sqlite: Settings, tmp_path: Path) -> None:
     """drain shows every record the database refused, with its reason and file, in both forms."""
     # The CLI's spool directory is the environment's (the session's), not the fixture's default.
     spool = target_dir(
@@ -192,7 +192,9 @@ def test_drain_lists_the_quarantine(sqlite: Settings) -> None:
     path = Quarantine(spool, counted.append).put(bad, ValueError("value too long for column"))
     assert counted == [1] and os.stat(path).st_mode & 0o777 == 0o600
     # A link planted next to it is not read (it would show whatever it points at).
-    os.symlink(path, os.path.join(os.path.dirname(path), "planted.q"))
+    elsewhere = Quarantine(str(tmp_path / "elsewhere"), counted.append)
+    planted = elsewhere.put(row(task_id="planted"), ValueError("forged"))
+    os.symlink(planted, os.path.join(os.path.dirname(path), "planted.q"))
     listed = validated("drain", cli("drain", "--json", settings=sqlite).stdout)
     [held] = listed["quarantined"]
     assert (held["publish_id"], held["task_id"], held["path"]) == (
