@@ -212,9 +212,10 @@ class WorkerHooks:
         lost_reason: str | None = None,
     ) -> None:  # fmt: skip
         """An outcome decided outside a running task: record it and show it as an error span."""
-        task_id = str(hdr.lookup(source, "id"))
-        self._received.pop(task_id)
-        name = str(hdr.lookup(source, "task"))
+        self._received.pop(str(hdr.lookup(source, "id")))
+        # From the message as any client sent it: bounded before it names a span.
+        task_id = hdr.as_text(hdr.lookup(source, "id"))
+        name = hdr.as_text(hdr.lookup(source, "task"))
         span = self._tracer.start_span(
             f"process {name}",
             context=propagate.extract(hdr.carrier(source)),
@@ -259,13 +260,15 @@ class WorkerHooks:
     def _prerun(self, task_id: str, task: Any) -> None:
         now = time.time()
         req = task.request
+        if req.is_eager:
+            return  # apply() / task_always_eager: never published, so neither span nor row
         name = task.name
-        queue = (req.delivery_info or {}).get("routing_key") or ""
+        queue = hdr.as_text((req.delivery_info or {}).get("routing_key"))
         parent = propagate.extract(hdr.carrier(req))
         attributes: dict[str, Any] = {
             "messaging.system": _celery.app_system(task.app),
             "messaging.destination.name": queue,
-            "messaging.message.id": task_id,
+            "messaging.message.id": hdr.as_text(task_id),
             "celery.task.name": name,
         }
         published_at = hdr.as_timestamp(hdr.lookup(req, hdr.PUBLISHED_AT))

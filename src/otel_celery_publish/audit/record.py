@@ -15,6 +15,8 @@ from typing import Any
 from celery.utils.saferepr import saferepr
 from kombu import serialization
 
+from otel_celery_publish import headers as hdr
+
 logger = logging.getLogger("otel_celery_publish")
 
 REDACTED = "***"
@@ -175,7 +177,10 @@ def _repr(celerys: Any, redacted: bool, value: Any, maxsize: int) -> str:
     """Celery's own ``argsrepr``/``kwargsrepr`` header when nothing needed masking (it is the
     same saferepr, cut at ``argsrepr_maxsize``, or the caller's deliberate override), else ours
     of the masked value. Saves a second repr of the arguments on every publish."""
-    return celerys if isinstance(celerys, str) and not redacted else saferepr(value, maxsize)
+    if isinstance(celerys, str) and not redacted:
+        return celerys
+    # saferepr closes what it cut ("...]}"), a few characters past maxsize: bound it exactly.
+    return hdr.as_text(saferepr(value, maxsize), maxsize)
 
 
 def publish_row(
