@@ -1,4 +1,5 @@
-"""End to end: an instrumented publisher, a real ``celery worker`` process, Redis, PostgreSQL."""
+"""End to end: an instrumented publisher, a real ``celery worker`` process, Redis or RabbitMQ,
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 
 from tests.app import add, fail
-from tests.conftest import wait_row
+from tests.conftest import Broker, wait_row
 from tests.otlp_receiver import Receiver, Span, wait_for
 
 
@@ -30,10 +31,16 @@ def producer_span(publisher: Any, task_id: str) -> Any:
     )
 
 
-@pytest.mark.parametrize("pool", ["solo", "prefork"])
+# The pools on Redis, the broker on the prefork pool: a third run, not a doubled matrix.
+@pytest.mark.parametrize(
+    ("pool", "broker"),
+    [("solo", "redis"), ("prefork", "redis"), ("prefork", "rabbitmq")],
+    indirect=["broker"],
+)
 def test_one_trace_holds_producer_queue_wait_and_process(
-    pool: str, publisher: Any, start_worker: Any, receiver: Receiver, pg: Any, queue_name: str
-) -> None:
+    pool: str, broker: Broker, publisher: Any, start_worker: Any, receiver: Receiver, pg: Any,
+    queue_name: str,
+) -> None:  # fmt: skip
     """A published task yields one trace: send -> queue wait (broker, worker) -> process."""
     start_worker(pool=pool, concurrency=2 if pool == "prefork" else 1)
     task_id = add.apply_async((2, 3), queue=queue_name).id
@@ -47,7 +54,7 @@ def test_one_trace_holds_producer_queue_wait_and_process(
     producer_id = format_span_id(producer.context.span_id)
     assert (row["trace_id"], row["span_id"]) == (trace_id, producer_id)
     assert producer.name == "send tests.add"
-    assert producer.attributes["messaging.system"] == "redis"
+    assert producer.attributes["messaging.system"] == broker.system
     assert producer.attributes["messaging.destination.name"] == queue_name
     assert producer.attributes["celery.audit.publish_id"] == row["publish_id"]
 
@@ -71,6 +78,8 @@ def test_one_trace_holds_producer_queue_wait_and_process(
     assert abs(wait.start_ns / 1e9 - row["published_at"].timestamp()) < 1e-3
     assert wait.end_ns <= process.start_ns
     assert process.attributes["celery.task.outcome"] == "succeeded"
+    assert process.attributes["messaging.system"] == broker.system
+    assert process.attributes["messaging.destination.name"] == queue_name
 
     # sent_at is read after the broker accepted the message: a fast worker may receive it first.
     published, sent = row["published_at"], row["sent_at"]

@@ -1,6 +1,7 @@
 """Worker liveness with real worker processes on Redis and PostgreSQL: a running task is never
 lost, a dead worker's tasks are, a dead pool process's and a discarded message's work is lost,
-and Celery 5.7's worker-lost, ack and redelivery behaviours keep the row and ``lost`` truthful."""
+and Celery 5.7's worker-lost, ack and redelivery behaviours keep the row and ``lost`` truthful.
+The fault classes whose course depends on the broker run on RabbitMQ too (``@both_brokers``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import dataclasses
 import datetime as dt
 import os
 import signal
+import subprocess
+import sys
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -30,7 +34,7 @@ from tests.app import (
     succeed_then_die,
 )
 from tests.audit_support import celery_audit, migrated, validated
-from tests.conftest import BROKER, audit_rows, wait_row
+from tests.conftest import BROKER, ROOT, Broker, audit_rows, both_brokers, wait_row
 from tests.otlp_receiver import wait_for
 
 INTERVAL = 0.5
@@ -47,10 +51,11 @@ def reasons(settings: Settings, queue: str, older_than: dt.timedelta) -> dict[st
     return {t.task_id: t.reason for t in found}
 
 
-def planned(settings: Settings, queue: str) -> int:
+def planned(settings: Settings, queue: str, broker_url: str = BROKER) -> int:
     """How many tasks ``celery audit replay --lost --older-than 0s --dry-run`` would send."""
     done = celery_audit("replay", "--lost", "--older-than", "0s", "--from-queue", queue,
-                        "--dry-run", "--json", settings=settings)  # fmt: skip
+                        "--dry-run", "--json", settings=settings,
+                        env={"OCP_BROKER_URL": broker_url})  # fmt: skip
     assert done.returncode == 0, done.stderr
     return int(validated("replay", done.stdout)["would_send"])
 
@@ -67,8 +72,9 @@ def heartbeats(settings: Settings, nodename: str) -> list[dict[str, Any]]:
         engine.dispose()
 
 
+@both_brokers
 def test_long_task_on_a_live_worker_is_never_lost(
-    publisher: Any, start_worker: Any, pg: Any, pg_url: str, queue_name: str
+    broker: Broker, publisher: Any, start_worker: Any, pg: Any, pg_url: str, queue_name: str
 ) -> None:
     """A task running for many heartbeat intervals is not lost even with older_than=0, and
     replay --lost plans nothing; its row names the worker instance."""
@@ -87,13 +93,14 @@ def test_long_task_on_a_live_worker_is_never_lost(
         return bool(now["heartbeat_at"] - beat["heartbeat_at"] > dt.timedelta(seconds=3))
 
     wait_for(renewed_three_times, 10, "three heartbeat intervals with the task running")
-    assert planned(settings, queue_name) == 0
+    assert planned(settings, queue_name, broker.url) == 0
     wait_row(pg, task_id, lambda rows: rows[0]["outcome"] == "succeeded")
     assert reasons(settings, queue_name, dt.timedelta(0)) == {}
 
 
+@both_brokers
 def test_sigkill_of_the_whole_worker_is_worker_dead_within_two_intervals(
-    publisher: Any, start_worker: Any, pg: Any, pg_url: str, queue_name: str
+    broker: Broker, publisher: Any, start_worker: Any, pg: Any, pg_url: str, queue_name: str
 ) -> None:
     """SIGKILL of main process and pool: the started task is worker_dead within two heartbeat
     intervals regardless of older_than; the prefetched one, still on the broker, is not yet."""
@@ -103,27 +110,27 @@ def test_sigkill_of_the_whole_worker_is_worker_dead_within_two_intervals(
     wait_row(pg, running, lambda rows: rows[0]["started_at"] is not None)
     prefetched = add.apply_async((1, 2), queue=queue_name).id
     wait_row(pg, prefetched, lambda rows: rows[0]["received_at"] is not None)
-    try:
-        worker.kill_all()
-        killed = time.monotonic()
-        wait_for(
-            lambda: reasons(settings, queue_name, LONG_AGO) == {running: "worker_dead"},
-            2 * INTERVAL + 5,
-            "worker_dead",
-        )
-        # The poll itself, a database round trip, may take a moment past the verdict.
-        assert time.monotonic() - killed < 2 * INTERVAL + 1.0
-        assert reasons(settings, queue_name, dt.timedelta(0)) == {
-            running: "worker_dead",
-            prefetched: "worker_dead",
-        }
-        assert planned(settings, queue_name) == 2
-    finally:
-        redis.Redis.from_url(BROKER).delete(queue_name)
+    worker.kill_all()
+    killed = time.monotonic()
+    wait_for(
+        lambda: reasons(settings, queue_name, LONG_AGO) == {running: "worker_dead"},
+        2 * INTERVAL + 5,
+        "worker_dead",
+    )
+    # The poll itself, a database round trip, may take a moment past the verdict.
+    assert time.monotonic() - killed < 2 * INTERVAL + 1.0
+    # The prefetched message is back on the broker (RabbitMQ: ready again at once; Redis:
+    # unacked until its visibility timeout), so it counts only after older_than.
+    assert reasons(settings, queue_name, dt.timedelta(0)) == {
+        running: "worker_dead",
+        prefetched: "worker_dead",
+    }
+    assert planned(settings, queue_name, broker.url) == 2
 
 
+@both_brokers
 def test_clean_shutdown_with_a_reserved_task_is_not_misreported(
-    publisher: Any, start_worker: Any, pg: Any, pg_url: str, queue_name: str
+    broker: Broker, publisher: Any, start_worker: Any, pg: Any, pg_url: str, queue_name: str
 ) -> None:
     """A warm shutdown finishes the running task, returns the prefetched one to the broker and
     marks the instance stopped: returned (after older_than only), run by the next worker."""
@@ -146,8 +153,9 @@ def test_clean_shutdown_with_a_reserved_task_is_not_misreported(
     assert reasons(settings, queue_name, dt.timedelta(0)) == {}
 
 
+@both_brokers
 def test_sigkill_of_a_pool_child_mid_task_is_worker_lost(
-    publisher: Any, start_worker: Any, pg: Any, pg_url: str, queue_name: str
+    broker: Broker, publisher: Any, start_worker: Any, pg: Any, pg_url: str, queue_name: str
 ) -> None:
     """The OOM case: the row says failed / WorkerLostError and lost reports worker_lost at
     once, on a worker that is still alive; replay --lost plans it."""
@@ -164,11 +172,12 @@ def test_sigkill_of_a_pool_child_mid_task_is_worker_lost(
         task_id, "worker_lost", "WorkerLostError",
     )  # fmt: skip
     assert worker.proc.poll() is None
-    assert planned(settings, queue_name) == 1
+    assert planned(settings, queue_name, broker.url) == 1
 
 
+@both_brokers
 def test_unregistered_task_is_discarded(
-    publisher: Any, start_worker: Any, pg: Any, pg_url: str, queue_name: str
+    broker: Broker, publisher: Any, start_worker: Any, pg: Any, pg_url: str, queue_name: str
 ) -> None:
     """A message for a task the worker does not know is dropped: lost says discarded, why."""
     settings = migrated(pg_url)
@@ -329,3 +338,46 @@ def test_heartbeat_in_process_on_sqlite_and_fork_safe(tmp_path: Any) -> None:
         heartbeat.stop(5.0)
     [last] = heartbeats(settings, "fork-test@host")
     assert last["stopped_at"] is not None and len(heartbeats(settings, "fork-test@host")) == 1
+
+
+FORK_WHILE_STARTING = """
+import os, signal, sys
+assert "psycopg" not in sys.modules and "alembic" not in sys.modules
+from otel_celery_publish.audit.writer import AuditWriter
+from otel_celery_publish.config import Settings
+from otel_celery_publish.liveness import Heartbeat
+settings = Settings.from_env(audit_url=sys.argv[1], table_name=sys.argv[2], heartbeat_interval=0.1)
+writer = AuditWriter(settings)
+writer.start()  # connects and migrates (importing Alembic) in its thread
+heartbeat = Heartbeat(settings)
+heartbeat.start("fork-while-starting@host")
+children = []
+for _ in range(30):
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)  # a child stuck on an inherited import lock dies of SIGALRM
+        import psycopg, psycopg.sql
+        from alembic import command
+        os._exit(0)
+    children.append(pid)
+stuck = sum(os.waitpid(pid, 0)[1] != 0 for pid in children)
+heartbeat.stop(5.0)
+writer.close(5.0)
+print(stuck)
+"""
+
+
+def test_a_fork_while_our_threads_start_never_hangs_the_child(pg_url: str) -> None:
+    """Forking right after instrumenting (a prefork pool) never hands a child an import lock
+    held by one of our threads: every child imports the driver and Alembic and exits."""
+    table = f"fork_{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_WHILE_STARTING, pg_url, table],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0", f"children stuck on an import lock: {done.stdout}"

@@ -44,46 +44,49 @@ def app_system(app: Any) -> str:
     return _app_facts(app)[0]
 
 
-def publishing_app() -> Any:
-    """The app doing the publish. Publish signals do not carry it; Celery's current app does."""
-    return current_app._get_current_object()
-
-
 def registered_task(app: Any, name: str) -> Any:
     """The task object if this process knows it, without finalizing the app as ``app.tasks``
     would (a task proxy used for apply_async has already registered itself in ``_tasks``)."""
     return app._tasks.get(name)
 
 
-def task_serializer(app: Any, name: str) -> str:
+def task_serializer(app: Any, name: str, per_call: str | None = None) -> str:
     """The serializer the message is encoded with: the per-call one (``apply_async(serializer=
-    ...)``, :func:`call_serializer`), else the task's own, else the app default."""
+    ...)``, from :func:`sending_call`), else the task's own, else the app default."""
     task = registered_task(app, name)
-    return str(call_serializer() or getattr(task, "serializer", None) or _app_facts(app)[1])
+    return str(per_call or getattr(task, "serializer", None) or _app_facts(app)[1])
 
 
 _SENDER = "send_task_message"
 _MAX_DEPTH = 8
 
 
-def call_serializer() -> str | None:
-    """The ``serializer`` argument of the ``send_task_message`` call this publish signal comes
-    from, if the caller gave one.
+def sending_call() -> tuple[Any, str | None]:
+    """``(app, serializer)`` of the ``send_task_message`` call this publish signal comes from:
+    the app that really publishes and the per-call serializer, if the caller gave one.
 
-    ``before_task_publish`` does not carry it (Celery passes it to kombu only), yet without it a
-    row of ``apply_async(serializer="pickle")`` would be encoded with the task's serializer:
-    wrong, or not encodable at all. So read it from the sending frame, a few frames up (our
-    hook, ``Signal.send``, Celery's sender); None if the stack is not Celery's.
+    ``before_task_publish`` carries neither (Celery hands the serializer to kombu only), yet
+    Celery's current app is not always the publishing one (several apps in a process), and a
+    row of ``apply_async(serializer="pickle")`` encoded with the task's serializer would be
+    wrong or not encodable at all. So read both from Celery's sending frame, a few frames up
+    (our hook, ``Signal.send``, the sender: its closure holds ``amqp``, whose ``app`` it is);
+    fall back to the current app when the stack is not Celery's.
     """
     frame = sys._getframe(1)
     for _ in range(_MAX_DEPTH):
-        if frame.f_code.co_name == _SENDER and frame.f_code.co_filename.endswith("amqp.py"):
-            value = frame.f_locals.get("serializer")
-            return value if isinstance(value, str) and value else None
+        code = frame.f_code
+        if code.co_name == _SENDER and code.co_filename.endswith("amqp.py"):
+            found = frame.f_locals
+            app = getattr(found.get("amqp"), "app", None)
+            serializer = found.get("serializer")
+            return (
+                app if app is not None else current_app._get_current_object(),
+                serializer if isinstance(serializer, str) and serializer else None,
+            )
         if frame.f_back is None:
-            return None
+            break
         frame = frame.f_back
-    return None
+    return current_app._get_current_object(), None
 
 
 @functools.lru_cache(maxsize=1024)

@@ -31,7 +31,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from otel_celery_publish._guard import report
 from otel_celery_publish.audit.migrate import upgrade
 from otel_celery_publish.audit.schema import workers_table
-from otel_celery_publish.audit.writer import make_engine
+from otel_celery_publish.audit.writer import make_engine, preload_driver
 from otel_celery_publish.config import Settings
 
 UTC = dt.timezone.utc
@@ -49,6 +49,7 @@ class Heartbeat:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        preload_driver(settings.audit_url)  # not in our thread: a fork could catch it importing
         self._table: Table = workers_table(settings.table_name)
         self._interval = float(settings.heartbeat_interval)
         self._lock = threading.Lock()

@@ -82,7 +82,7 @@ class PublishHooks:
         now = time.time()
         # Protocol 1 carries the id in the body (and has no headers for the worker to read).
         task_id = str(msg_headers.get("id") or (body.get("id") if isinstance(body, dict) else ""))
-        app = _celery.publishing_app()
+        app, per_call_serializer = _celery.sending_call()
         eta = iso_to_dt(msg_headers.get("eta"))
         root_id = msg_headers.get("root_id")
         attributes: dict[str, Any] = {
@@ -130,7 +130,7 @@ class PublishHooks:
             exchange=exchange,
             routing_key=routing_key,
             published_at=now,
-            serializer=_celery.task_serializer(app, name),
+            serializer=_celery.task_serializer(app, name, per_call_serializer),
             arg_names=_celery.arg_names(app, name) if self._settings.redact_keys else (),
             redact_keys=self._settings.redact_keys,
             redact_payload=self._settings.redact_payload,

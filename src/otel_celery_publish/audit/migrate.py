@@ -40,6 +40,22 @@ def _fresh_lock_after_fork() -> None:
 
 os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
+# A fork while one of our threads imports a module would hand the child that module's import
+# lock, held by a thread it does not have (its first import of Alembic would hang forever). Our
+# threads import Alembic under this lock, and a fork waits for it (an import, ~0.1 s).
+_IMPORTING = threading.Lock()
+
+
+def _release_importing() -> None:
+    _IMPORTING.release()
+
+
+os.register_at_fork(
+    before=_IMPORTING.acquire,
+    after_in_parent=_release_importing,
+    after_in_child=_release_importing,
+)
+
 
 def version_table(table_name: str) -> str:
     """The name of the Alembic version table that belongs to audit table ``table_name``."""
@@ -114,8 +130,11 @@ def _alembic_upgrade(
     output_buffer: io.StringIO | None = None,
 ) -> None:
     # Alembic is imported only when the schema actually changes, not by every publishing process.
-    from alembic import command  # noqa: PLC0415
-    from alembic.config import Config  # noqa: PLC0415
+    with _IMPORTING:
+        from alembic import command  # noqa: PLC0415
+        from alembic.config import Config  # noqa: PLC0415
+        from alembic.runtime import migration  # noqa: F401, PLC0415 - what upgrade imports
+        from alembic.script import ScriptDirectory  # noqa: F401, PLC0415
 
     config = Config(output_buffer=output_buffer)
     config.set_main_option("script_location", SCRIPT_LOCATION)

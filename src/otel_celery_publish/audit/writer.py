@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import logging
 import os
 import queue
@@ -63,6 +64,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
 from sqlalchemy.sql.dml import Insert
 
 from otel_celery_publish._guard import report
@@ -261,6 +263,21 @@ class _Prepared:
             if name in values:
                 values[name] = process(values[name])
         return values if self.positions is None else tuple(values[k] for k in self.positions)
+
+
+def preload_driver(url: str) -> None:
+    """Import the database driver and what our threads import of it, now, on the caller's thread.
+
+    A process that forks while one of its threads is importing a module hands the child that
+    module's import lock, held by a thread the child does not have: the child's first import of
+    it hangs forever (a prefork pool forked right after the worker instrumented, a gunicorn
+    ``--preload`` master). Our background threads must find everything already imported.
+    """
+    dialect = make_url(url).get_dialect()
+    dialect.import_dbapi()
+    if dialect.name == "postgresql":
+        _pg_connection_class()
+        importlib.import_module("psycopg.sql")
 
 
 def make_engine(url: str, timeout: float = 2.0, *, op_timeout: float | None = None) -> Engine:
@@ -609,6 +626,7 @@ class AuditWriter:
         self.settings = settings
         self.table = audit_table(settings.table_name)
         self.spool_dir = target_dir(settings.spool_dir, settings.audit_url, settings.table_name)
+        preload_driver(settings.audit_url)
         meter = meter or metrics.get_meter("otel_celery_publish")
         self._fallbacks = meter.create_counter(
             "celery.audit.fallback",
