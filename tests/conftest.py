@@ -28,6 +28,7 @@ from otel_celery_publish import CeleryPublishInstrumentor, _celery, _guard
 from otel_celery_publish.audit.schema import audit_table
 from tests.app import app
 from tests.otlp_receiver import Receiver, serve, wait_for
+from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -316,3 +317,18 @@ def start_worker(
             worker.proc.wait(10)
     for worker in workers:
         assert "otel-celery-publish internal error" not in worker.output(), worker.output()
+
+
+@pytest.fixture
+def proxy() -> Iterator[TcpProxy]:
+    """A loopback TCP proxy in front of PostgreSQL: the database's faults on demand."""
+    proxy = TcpProxy(("127.0.0.1", 5432)).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def drain_queue(queue_name: str) -> Iterator[None]:
+    """Delete the test's Redis queue afterwards (messages published with no worker)."""
+    yield
+    app.connection_for_write().default_channel.client.delete(queue_name)

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from otel_celery_publish import CeleryPublishInstrumentor, Settings
 from otel_celery_publish.audit.schema import audit_table
 from otel_celery_publish.audit.spool import SUFFIX, target_dir
 from otel_celery_publish.audit.writer import AuditWriter, drain_spool
-from tests.app import add, app
+from tests.app import add
 from tests.conftest import BROKER, ROOT, audit_rows, wait_row
 from tests.otlp_receiver import wait_for
 from tests.tcp_proxy import TcpProxy
@@ -68,19 +67,6 @@ def _instrument(url: str, mode: str, spool_dir: Path, **settings: Any) -> Any:
         **settings,
     )
     return instrumentor
-
-
-@pytest.fixture
-def proxy() -> Iterator[TcpProxy]:
-    proxy = TcpProxy(("127.0.0.1", 5432)).start()
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture
-def drain_queue(queue_name: str) -> Iterator[None]:
-    yield
-    app.connection_for_write().default_channel.client.delete(queue_name)
 
 
 @pytest.mark.usefixtures("drain_queue")

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from otel_celery_publish.audit.writer import (
     _bounded,
     drain_spool,
 )
-from tests.app import add, app
+from tests.app import add
 from tests.conftest import audit_rows
 from tests.otlp_receiver import wait_for
 from tests.tcp_proxy import TcpProxy
@@ -38,19 +38,6 @@ DB_TIMEOUT = 0.5
 SLACK = 0.5
 BOUND = DB_TIMEOUT + SLACK
 RECOVERY_S = 20.0
-
-
-@pytest.fixture
-def proxy() -> Iterator[TcpProxy]:
-    proxy = TcpProxy(("127.0.0.1", 5432)).start()
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture
-def drain_queue(queue_name: str) -> Iterator[None]:
-    yield
-    app.connection_for_write().default_channel.client.delete(queue_name)
 
 
 def _through(proxy: TcpProxy, pg_url: str) -> str:
