@@ -21,7 +21,7 @@ from sqlalchemy import MetaData, Table, insert, select
 from otel_celery_publish.audit import _store
 from otel_celery_publish.audit.cli import audit
 from otel_celery_publish.audit.migrate import upgrade
-from otel_celery_publish.audit.schema import audit_table
+from otel_celery_publish.audit.schema import audit_table, workers_table
 from otel_celery_publish.audit.writer import make_engine
 from otel_celery_publish.config import Settings
 from tests.app import app
@@ -168,3 +168,18 @@ def validated(command: str, output: str) -> Any:
     jsonschema.Draft202012Validator.check_schema(schema(command))
     jsonschema.validate(data, schema(command), cls=jsonschema.Draft202012Validator)
     return data
+
+
+def beat(settings: Settings, instance_id: str, **fields: Any) -> None:
+    """A heartbeat row of worker instance ``instance_id`` (alive unless ``fields`` say so)."""
+    engine = make_engine(settings.audit_url)
+    values = {
+        "instance_id": instance_id, "nodename": f"{instance_id}@host", "pid": 1,
+        "started_at": ago(60), "heartbeat_at": NOW, "expires_at": NOW + dt.timedelta(minutes=1),
+        "interval_s": 30.0, "stopped_at": None, **fields,
+    }  # fmt: skip
+    try:
+        with engine.connect() as conn:
+            conn.execute(insert(workers_table(settings.table_name)), [values])
+    finally:
+        engine.dispose()

@@ -9,14 +9,11 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from sqlalchemy import insert
 
 from otel_celery_publish import audit
 from otel_celery_publish.audit import _store
-from otel_celery_publish.audit.schema import workers_table
-from otel_celery_publish.audit.writer import make_engine
 from otel_celery_publish.config import Settings
-from tests.audit_support import NOW, ago, cli, database, row, schema, seed, validated
+from tests.audit_support import NOW, ago, beat, cli, database, row, schema, seed, validated
 from tests.conftest import BROKER
 
 
@@ -147,21 +144,6 @@ def test_check_results_drops_what_the_backend_saw_finish(tmp_path: Path, pg_url:
         assert without.exit_code == 1 and "needs a result backend" in without.stderr
     finally:
         with_backend.backend.forget(done["task_id"])
-
-
-def beat(settings: Settings, instance_id: str, **fields: Any) -> None:
-    """A heartbeat row of worker instance ``instance_id`` (alive unless ``fields`` say so)."""
-    engine = make_engine(settings.audit_url)
-    values = {
-        "instance_id": instance_id, "nodename": f"{instance_id}@host", "pid": 1,
-        "started_at": ago(60), "heartbeat_at": NOW, "expires_at": NOW + dt.timedelta(minutes=1),
-        "interval_s": 30.0, "stopped_at": None, **fields,
-    }  # fmt: skip
-    try:
-        with engine.connect() as conn:
-            conn.execute(insert(workers_table(settings.table_name)), [values])
-    finally:
-        engine.dispose()
 
 
 def liveness_scenario(settings: Settings) -> dict[str, str]:

@@ -43,10 +43,9 @@ from otel_celery_publish.audit.spool import SUFFIX, encode, target_dir
 from otel_celery_publish.audit.writer import AuditWriter, Database
 from otel_celery_publish.config import Settings, default_spool_dir
 from tests.app import add, app, fail, ignored, login
-from tests.audit_support import ago, cli, database, row, seed, stored, validated
+from tests.audit_support import ago, beat, cli, database, row, seed, stored, validated
 from tests.conftest import BIN, BROKER, ROOT, Publisher, audit_rows, wait_row
 from tests.otlp_receiver import Receiver, Span, wait_for
-from tests.test_audit_lost import beat
 
 INTERNAL, CONSUMER = 1, 5  # span kinds on the OTLP wire
 
