@@ -7,7 +7,7 @@ existing database ``test``)::
 
 The script creates a database of its own (``ocp_bench_<hex>``, dropped WITH (FORCE) at the end
 unless ``--keep``), creates the audit table with the package's migrations
-(``otel_celery_publish.audit.migrate.upgrade``), and loads ``--rows`` rows with ``COPY`` (the
+(``otel_celery_publish.schema.migrate.upgrade``), and loads ``--rows`` rows with ``COPY`` (the
 secondary indexes are dropped for the load and re-created from the same ``schema.py``
 definitions afterwards, then ``VACUUM ANALYZE`` and a ``CHECKPOINT``).
 
@@ -50,10 +50,10 @@ from sqlalchemy.dialects import postgresql
 
 from otel_celery_publish import audit
 from otel_celery_publish.audit import _stats, _store
-from otel_celery_publish.audit.migrate import upgrade
-from otel_celery_publish.audit.schema import audit_table
-from otel_celery_publish.audit.writer import make_engine
 from otel_celery_publish.config import Settings
+from otel_celery_publish.schema.migrate import upgrade
+from otel_celery_publish.schema.table import audit_table
+from otel_celery_publish.sink.database import make_engine
 
 TABLE = "celery_publish_audit"
 COLUMNS = (

@@ -61,7 +61,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from otel_celery_publish import CeleryPublishInstrumentor, _guard
-from otel_celery_publish.audit.spool import SUFFIX
+from otel_celery_publish.sink.spool import SUFFIX
 
 TASK_NAME = "bench.noop"
 TABLE = "celery_publish_audit"

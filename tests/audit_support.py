@@ -19,11 +19,11 @@ from click.testing import CliRunner, Result
 from sqlalchemy import MetaData, Table, insert, select
 
 from otel_celery_publish.audit import _store
-from otel_celery_publish.audit.cli import audit
-from otel_celery_publish.audit.migrate import upgrade
-from otel_celery_publish.audit.schema import audit_table, workers_table
-from otel_celery_publish.audit.writer import make_engine
+from otel_celery_publish.cli.commands import audit
 from otel_celery_publish.config import Settings
+from otel_celery_publish.schema.migrate import upgrade
+from otel_celery_publish.schema.table import audit_table, workers_table
+from otel_celery_publish.sink.database import make_engine
 from tests.app import app
 from tests.conftest import BIN, BROKER, ROOT
 

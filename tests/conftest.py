@@ -24,8 +24,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from otel_celery_publish import CeleryPublishInstrumentor, _celery, _guard
-from otel_celery_publish.audit.schema import audit_table
+from otel_celery_publish import CeleryPublishInstrumentor, _guard
+from otel_celery_publish.hooks import _celery
+from otel_celery_publish.schema.table import audit_table
 from tests.app import app
 from tests.otlp_receiver import Receiver, serve, wait_for
 from tests.tcp_proxy import TcpProxy

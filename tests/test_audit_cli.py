@@ -12,11 +12,11 @@ import pytest
 
 from otel_celery_publish import audit
 from otel_celery_publish.audit import _store
-from otel_celery_publish.audit.cli import lifecycle_bars, parse_duration, parse_when
-from otel_celery_publish.audit.quarantine import Quarantine
-from otel_celery_publish.audit.spool import target_dir
+from otel_celery_publish.cli.commands import lifecycle_bars, parse_duration, parse_when
+from otel_celery_publish.cli.timeline import Bar, render
 from otel_celery_publish.config import Settings
-from otel_celery_publish.timeline import Bar, render
+from otel_celery_publish.sink.quarantine import Quarantine
+from otel_celery_publish.sink.spool import target_dir
 from tests.audit_support import (
     NOW,
     ago,

@@ -13,6 +13,7 @@ from celery import Celery
 from otel_celery_publish import audit
 from otel_celery_publish.audit import _store
 from otel_celery_publish.config import Settings
+from otel_celery_publish.schema.table import LOST_REASONS
 from tests.audit_support import NOW, ago, beat, cli, database, row, schema, seed, validated
 from tests.conftest import BROKER
 
@@ -236,7 +237,7 @@ def test_liveness_reasons(settings: Settings) -> None:
         "returned-recently": "returned",
         "never-beat-recent": "not_finished",
     }
-    assert set(_store.LOST_REASONS) == set(schema("lost")["items"]["properties"]["reason"]["enum"])
+    assert set(LOST_REASONS) == set(schema("lost")["items"]["properties"]["reason"]["enum"])
 
 
 def test_lost_reads_the_partial_index(tmp_path: Path, pg_url: str) -> None:

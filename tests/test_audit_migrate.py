@@ -22,10 +22,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Column, Index, MetaData, String, Table, insert, inspect, select, text
 
 from otel_celery_publish import audit
-from otel_celery_publish.audit import migrate
-from otel_celery_publish.audit.schema import audit_table, workers_table
-from otel_celery_publish.audit.writer import make_engine
 from otel_celery_publish.config import Settings, SettingsError
+from otel_celery_publish.schema import migrate
+from otel_celery_publish.schema.table import audit_table, workers_table
+from otel_celery_publish.sink.database import make_engine
 from tests.audit_support import celery_audit, cli, one_line_error, row, stored, validated
 
 # The table as the writer created it before migrations existed (no replay bookkeeping columns,
@@ -39,7 +39,7 @@ def fresh(kind: str, tmp_path: Path, pg_url: str) -> Settings:
 
 
 def schema_diff(settings: Settings) -> list[Any]:
-    """What differs between the migrated tables and ``audit/schema.py`` (only our tables)."""
+    """What differs between the migrated tables and ``schema/table.py`` (only our tables)."""
     engine = make_engine(settings.audit_url)
     expected = MetaData()
     audit_table(settings.table_name, expected)
@@ -193,8 +193,8 @@ def test_the_hosts_alembic_version_is_never_touched(tmp_path: Path) -> None:
 UPGRADE_WHEN_ALL_READY = """
 import sys, time
 from pathlib import Path
-from otel_celery_publish.audit.migrate import upgrade
-from otel_celery_publish.audit.writer import make_engine
+from otel_celery_publish.schema.migrate import upgrade
+from otel_celery_publish.sink.database import make_engine
 url, table, barrier, me, callers = sys.argv[1:]
 (Path(barrier) / me).touch()
 deadline = time.monotonic() + 30

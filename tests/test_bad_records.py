@@ -21,11 +21,12 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
 from otel_celery_publish import Settings
-from otel_celery_publish.audit.quarantine import is_refusal, quarantined, repair
-from otel_celery_publish.audit.schema import audit_table
-from otel_celery_publish.audit.spool import SUFFIX, encode, target_dir
-from otel_celery_publish.audit.writer import AuditWriter, drain_spool
 from otel_celery_publish.headers import TRUNCATED
+from otel_celery_publish.schema.table import audit_table
+from otel_celery_publish.sink.quarantine import is_refusal, quarantined, repair
+from otel_celery_publish.sink.shipping import drain_spool
+from otel_celery_publish.sink.spool import SUFFIX, encode, target_dir
+from otel_celery_publish.sink.writer import AuditWriter
 
 EXPECTED = frozenset({"audit record repaired", "audit record quarantined"})
 NOW = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)  # any fixed time
@@ -168,11 +169,11 @@ def test_a_bad_record_in_a_batch_never_stalls_the_rest(
     batch = [good[0], *repaired.values(), good[1], *refused.values(), good[2]]
     try:
         for row in batch:
-            writer.record_event(row)
+            writer.record_update(row)
         assert writer.flush(20), "the batch is shipped despite its bad records"
         later = good[3:]
         for row in later:
-            writer.record_event(row)
+            writer.record_update(row)
         assert writer.flush(20), "records after the bad ones are not stuck"
     finally:
         writer.close()
@@ -209,7 +210,7 @@ def test_a_bad_record_in_a_copy_sized_batch_is_isolated(
     rows[230] = {"publish_id": uuid.uuid4().hex, "runtime_s": 1.0}  # no such row: NOT NULL
     try:
         for row in rows:
-            writer.record_event(row)
+            writer.record_update(row)
         assert writer.flush(20)
     finally:
         writer.close()

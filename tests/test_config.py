@@ -11,8 +11,6 @@ import pytest
 from sqlalchemy import MetaData
 
 from otel_celery_publish import CeleryPublishInstrumentor
-from otel_celery_publish.audit import migrate
-from otel_celery_publish.audit.schema import audit_table
 from otel_celery_publish.config import (
     DEFAULT_REDACT_KEYS,
     ENV_PREFIX,
@@ -23,6 +21,8 @@ from otel_celery_publish.config import (
     check_table_name,
     table_identifiers,
 )
+from otel_celery_publish.schema import migrate
+from otel_celery_publish.schema.table import audit_table
 
 FIELDS = [field.name for field in dataclasses.fields(Settings)]
 LONGEST_TABLE = "t" * 43  # + "_alembic_version_pkc" = 63 bytes

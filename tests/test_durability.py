@@ -21,9 +21,10 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine, make_url
 
 from otel_celery_publish import CeleryPublishInstrumentor, Settings
-from otel_celery_publish.audit.schema import audit_table
-from otel_celery_publish.audit.spool import SUFFIX, target_dir
-from otel_celery_publish.audit.writer import AuditWriter, drain_spool
+from otel_celery_publish.schema.table import audit_table
+from otel_celery_publish.sink.shipping import drain_spool
+from otel_celery_publish.sink.spool import SUFFIX, target_dir
+from otel_celery_publish.sink.writer import AuditWriter
 from tests.app import add
 from tests.conftest import BROKER, ROOT, audit_rows, wait_row
 from tests.otlp_receiver import wait_for

@@ -20,13 +20,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
 from otel_celery_publish import Settings
-from otel_celery_publish.audit.spool import SUFFIX, encode, target_dir
-from otel_celery_publish.audit.writer import (
-    AuditWriter,
-    DeadlineExceeded,
-    _bounded,
-    drain_spool,
-)
+from otel_celery_publish.sink.database import DeadlineExceeded, _bounded
+from otel_celery_publish.sink.shipping import drain_spool
+from otel_celery_publish.sink.spool import SUFFIX, encode, target_dir
+from otel_celery_publish.sink.writer import AuditWriter
 from tests.app import add
 from tests.conftest import audit_rows
 from tests.otlp_receiver import wait_for
@@ -298,7 +295,7 @@ def test_a_session_abandoned_holding_row_locks_is_ended_so_its_rows_ship(
         with pytest.raises(DeadlineExceeded), _bounded(at=time.monotonic() + 0.2):
             raw.execute("COMMIT")
         zombie.invalidate()
-        writer.record_event(row)
+        writer.record_update(row)
         [stored] = wait_for(lambda: audit_rows(pg, task_id), RECOVERY_S, "the locked row")
     finally:
         writer.close()

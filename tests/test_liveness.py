@@ -20,10 +20,10 @@ from celery import Celery
 from sqlalchemy import select
 
 from otel_celery_publish import audit
-from otel_celery_publish.audit.schema import workers_table
-from otel_celery_publish.audit.writer import make_engine
 from otel_celery_publish.config import Settings
-from otel_celery_publish.liveness import Heartbeat
+from otel_celery_publish.schema.table import workers_table
+from otel_celery_publish.sink.database import make_engine
+from otel_celery_publish.sink.heartbeat import Heartbeat
 from tests.app import (
     add,
     app,
@@ -343,9 +343,9 @@ def test_heartbeat_in_process_on_sqlite_and_fork_safe(tmp_path: Any) -> None:
 FORK_WHILE_STARTING = """
 import os, signal, sys
 assert "psycopg" not in sys.modules and "alembic" not in sys.modules
-from otel_celery_publish.audit.writer import AuditWriter
+from otel_celery_publish.sink.writer import AuditWriter
 from otel_celery_publish.config import Settings
-from otel_celery_publish.liveness import Heartbeat
+from otel_celery_publish.sink.heartbeat import Heartbeat
 settings = Settings.from_env(audit_url=sys.argv[1], table_name=sys.argv[2], heartbeat_interval=0.1)
 writer = AuditWriter(settings)
 writer.start()  # connects and migrates (importing Alembic) in its thread

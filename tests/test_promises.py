@@ -33,15 +33,15 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, TraceState, format_span_id, format_trace_id
 from sqlalchemy import create_engine, inspect, text
 
-from otel_celery_publish import CeleryPublishInstrumentor, audit
+from otel_celery_publish import CeleryPublishInstrumentor, audit, rows
 from otel_celery_publish import headers as hdr
 from otel_celery_publish import instrumentor as instrumentor_mod
-from otel_celery_publish.audit import record
-from otel_celery_publish.audit import writer as writer_mod
-from otel_celery_publish.audit.schema import audit_table
-from otel_celery_publish.audit.spool import SUFFIX, encode, target_dir
-from otel_celery_publish.audit.writer import AuditWriter, Database
 from otel_celery_publish.config import Settings, default_spool_dir
+from otel_celery_publish.schema.table import audit_table
+from otel_celery_publish.sink import writer as writer_mod
+from otel_celery_publish.sink.database import Database
+from otel_celery_publish.sink.spool import SUFFIX, encode, target_dir
+from otel_celery_publish.sink.writer import AuditWriter
 from tests.app import add, app, fail, ignored, login
 from tests.audit_support import ago, beat, cli, database, row, seed, stored, validated
 from tests.conftest import BIN, BROKER, ROOT, Publisher, audit_rows, wait_row
@@ -325,7 +325,7 @@ def test_packaging_registers_the_entry_points_and_pulls_the_sdk_setup() -> None:
     [ours] = [e for e in instrumentors if e.name == "celery_publish"]
     assert ours.load() is CeleryPublishInstrumentor
     [command] = [e for e in metadata.entry_points(group="celery.commands") if e.name == "audit"]
-    assert command.value == "otel_celery_publish.audit.cli:audit"
+    assert command.value == "otel_celery_publish.cli:audit"
     requires = metadata.requires("otel-celery-publish") or []
     names = {r.split(";")[0].split(">")[0].split("~")[0].split("[")[0] for r in requires}
     assert {"opentelemetry-distro", "opentelemetry-exporter-otlp"} <= names
@@ -436,16 +436,16 @@ REPR_ROW: dict[str, Any] = {
 def test_celerys_argsrepr_is_reused_when_nothing_is_masked() -> None:
     """REPR_MAXSIZE row of the table: "when nothing is masked, Celery's own argsrepr header is
     reused" (and ours is built when something is)."""
-    plain = record.publish_row(body=(["bob"], {"k": 1}, {}), **REPR_ROW)
+    plain = rows.publish_row(body=(["bob"], {"k": 1}, {}), **REPR_ROW)
     assert (plain["args_repr"], plain["kwargs_repr"]) == ("('celery-made',)", "{'k': 1}")
-    masked = record.publish_row(body=(["bob", "pw"], {}, {}), **REPR_ROW)
+    masked = rows.publish_row(body=(["bob", "pw"], {}, {}), **REPR_ROW)
     assert masked["args_repr"] == "('bob', '***')"
 
 
 def test_repr_maxsize_bounds_the_reprs_we_build() -> None:
     """REPR_MAXSIZE is the "length bound of args_repr / kwargs_repr when we build them"."""
     long_kwargs = {"password": "x", "note": "y" * 500}
-    built = record.publish_row(body=([], long_kwargs, {}), **REPR_ROW)
+    built = rows.publish_row(body=([], long_kwargs, {}), **REPR_ROW)
     assert "***" in built["kwargs_repr"]
     assert len(built["kwargs_repr"]) <= REPR_ROW["repr_maxsize"], built["kwargs_repr"]
 
@@ -470,7 +470,7 @@ def test_header_names_with_dashes_match_redact_keys() -> None:
     """Sensitive keys are matched in names with "-" read as "_": an X-Api-Key header is masked
     by the default api_key, and the row says headers_redacted."""
     headers = {"id": "t", "X-Api-Key": "k3y", "Auth-Token": {"v": 1}, "tenant": "acme"}
-    found, hit = record.custom_headers(headers, (), Settings().redact_keys)
+    found, hit = rows.custom_headers(headers, (), Settings().redact_keys)
     assert found == {"X-Api-Key": "***", "Auth-Token": "***", "tenant": "acme"}
     assert hit is True
 
@@ -509,7 +509,7 @@ def test_spool_segment_path_and_lock(tmp_path: Path) -> None:
 
 def test_spool_fsync_syncs_every_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SPOOL_FSYNC=true fsyncs every spool record; false never does."""
-    from otel_celery_publish.audit import spool as spool_mod  # noqa: PLC0415
+    from otel_celery_publish.sink import spool as spool_mod  # noqa: PLC0415
 
     synced: list[int] = []
     real = os.fsync
@@ -548,11 +548,11 @@ def test_spool_mode_worker_updates_go_through_the_spool_but_sent_at_does_not(
     writer = AuditWriter(settings)
     try:
         assert writer.flush(10)
-        writer.record_event({**_ident("w1"), "received_at": dt.datetime.now(dt.timezone.utc)})
+        writer.record_update({**_ident("w1"), "received_at": dt.datetime.now(dt.timezone.utc)})
         size = writer._spool.size
         assert size > 0, "a worker update is in the spool file"
-        writer.record_event(
-            {**_ident("w1"), "sent_at": dt.datetime.now(dt.timezone.utc)}, durable=False
+        writer.record_update(
+            {**_ident("w1"), "sent_at": dt.datetime.now(dt.timezone.utc)}, best_effort=True
         )
         assert writer._spool.size == size, "sent_at never touches the spool"
         assert writer.flush(10)

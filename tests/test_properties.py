@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from kombu import serialization
 
 from otel_celery_publish import headers as hdr
-from otel_celery_publish.audit import record
-from otel_celery_publish.audit.spool import HEADER, Decoded, check_row, decode, encode
+from otel_celery_publish import rows
+from otel_celery_publish.sink.spool import HEADER, Decoded, check_row, decode, encode
 
 # No example database: the tests leave nothing behind in the work tree.
 PROPERTY = settings(
@@ -71,11 +71,11 @@ anything = st.recursive(
 def test_encode_payload_round_trips_json_bodies(args: list[Any], kwargs: dict[str, Any]) -> None:
     """encode_payload() then kombu's loads() gives the body back for any JSON-able body."""
     body = [args, kwargs, {}]
-    data, content_type, encoding, error = record.encode_payload(body, "json", 1 << 30)
+    data, content_type, encoding, error = rows.encode_payload(body, "json", 1 << 30)
     assert error is None
     assert data is not None
     assert serialization.loads(data, content_type, encoding) == body  # type: ignore[no-untyped-call]
-    small = record.encode_payload(body, "json", len(data) - 1)
+    small = rows.encode_payload(body, "json", len(data) - 1)
     assert small[0] is None
     assert small[3] is not None
     assert "exceeds max_payload_bytes" in small[3]
@@ -88,13 +88,13 @@ def _assert_redacted(before: Any, after: Any, depth: int = 0) -> None:
     """``after`` is ``before`` with every value under a sensitive key masked, containers
     beyond the depth limit masked whole, and everything else the same object."""
     container = isinstance(before, (Mapping, list, tuple))
-    if container and depth > record._MAX_DEPTH:
-        assert after == record.REDACTED
+    if container and depth > rows._MAX_DEPTH:
+        assert after == rows.REDACTED
     elif isinstance(before, Mapping):
         assert list(after) == list(before)
         for key, value in before.items():
-            if isinstance(key, str) and record.is_sensitive(key, KEYS):
-                assert after[key] == record.REDACTED
+            if isinstance(key, str) and rows.is_sensitive(key, KEYS):
+                assert after[key] == rows.REDACTED
             else:
                 _assert_redacted(value, after[key], depth + 1)
     elif isinstance(before, (list, tuple)):
@@ -112,7 +112,7 @@ def test_redact_masks_exactly_the_sensitive_values(value: Any) -> None:
     """redact() never raises; it masks every value under a sensitive key within the depth
     limit and leaves the rest unchanged, returning the very input when nothing matched."""
     snapshot = repr(value)
-    out, hit = record.redact(value, KEYS)
+    out, hit = rows.redact(value, KEYS)
     _assert_redacted(value, out)
     assert repr(value) == snapshot, "the input is not modified"
     if not hit:
@@ -130,7 +130,7 @@ def test_no_secret_survives_at_any_depth(depth: int, wrappers: list[str]) -> Non
     value: Any = {"user": "bob", "Password": "s3cr3t-value"}
     for kind in wrappers[:depth]:
         value = [value] if kind == "list" else (value,) if kind == "tuple" else {"k": value}
-    out, hit = record.redact(value, KEYS)
+    out, hit = rows.redact(value, KEYS)
     assert hit
     assert "s3cr3t-value" not in repr(out)
 
@@ -140,9 +140,9 @@ def test_no_secret_survives_at_any_depth(depth: int, wrappers: list[str]) -> Non
 def test_custom_headers_mask_what_redact_masks(headers: dict[str, Any]) -> None:
     """custom_headers() never raises; it masks sensitive header names like redact() masks
     keys, and says so exactly when something was masked."""
-    stored, hit = record.custom_headers(headers, (), KEYS)
-    plain = {k: record.jsonable(v) for k, v in headers.items() if k not in record.CELERY_HEADERS}
-    expected, expected_hit = record.redact(plain, KEYS)
+    stored, hit = rows.custom_headers(headers, (), KEYS)
+    plain = {k: rows.jsonable(v) for k, v in headers.items() if k not in rows.CELERY_HEADERS}
+    expected, expected_hit = rows.redact(plain, KEYS)
     assert (stored, hit) == (expected, expected_hit)
 
 
@@ -245,7 +245,7 @@ def test_as_text_never_raises_and_respects_its_bound(value: Any, limit: int) -> 
 
 offsets = st.timedeltas(min_value=-dt.timedelta(hours=23), max_value=dt.timedelta(hours=23))
 timestamps = st.datetimes(timezones=st.none() | st.just(dt.timezone.utc) | offsets.map(dt.timezone))
-rows = st.fixed_dictionaries(
+spool_rows = st.fixed_dictionaries(
     {"publish_id": st.text(min_size=1, max_size=36)},
     optional={
         "task_id": st.text(max_size=40),
@@ -263,7 +263,7 @@ rows = st.fixed_dictionaries(
 
 
 @PROPERTY
-@given(batch=st.lists(rows, max_size=6), cut=st.integers(min_value=0))
+@given(batch=st.lists(spool_rows, max_size=6), cut=st.integers(min_value=0))
 def test_spool_records_round_trip_and_a_cut_keeps_whole_records(
     batch: list[dict[str, Any]], cut: int
 ) -> None:
@@ -305,7 +305,7 @@ def test_decode_never_raises_on_well_framed_garbage(payload: bytes, extra: bytes
 
 @PROPERTY
 @given(
-    row=rows,
+    row=spool_rows,
     flips=st.lists(
         st.tuples(st.integers(min_value=0), st.integers(1, 255)), min_size=1, max_size=8
     ),

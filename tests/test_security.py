@@ -24,10 +24,9 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from otel_celery_publish import Settings
-from otel_celery_publish.audit import record
-from otel_celery_publish.audit import spool as spool_mod
-from otel_celery_publish.audit.spool import (
+from otel_celery_publish import Settings, rows
+from otel_celery_publish.sink import spool as spool_mod
+from otel_celery_publish.sink.spool import (
     BAD_SUFFIX,
     HEADER,
     MAX_RECORD,
@@ -39,7 +38,7 @@ from otel_celery_publish.audit.spool import (
     encode,
     target_dir,
 )
-from otel_celery_publish.audit.writer import AuditWriter
+from otel_celery_publish.sink.writer import AuditWriter
 from tests.app import add
 from tests.conftest import Publisher, audit_rows
 
@@ -382,7 +381,7 @@ def test_a_damaged_segment_of_our_own_is_set_aside(
 
 def test_rows_our_code_builds_pass_the_shape_check() -> None:
     """The publish row and the lifecycle updates we write are all audit rows to check_row."""
-    row = record.publish_row(
+    row = rows.publish_row(
         publish_id="0123456789abcdef0123456789abcdef",
         task_id="t1",
         task_name="tests.add",
@@ -419,7 +418,7 @@ def test_rows_our_code_builds_pass_the_shape_check() -> None:
 
 
 def _row_with_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    return record.publish_row(
+    return rows.publish_row(
         publish_id="p1",
         task_id="t1",
         task_name="tests.add",

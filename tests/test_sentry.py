@@ -18,8 +18,8 @@ from sentry_sdk.transport import Transport
 from sqlalchemy import create_engine
 
 from otel_celery_publish import _guard
-from otel_celery_publish.audit.writer import AuditWriter
 from otel_celery_publish.config import DEFAULT_REDACT_KEYS, Settings
+from otel_celery_publish.sink.writer import AuditWriter
 
 SECRET = "hunter2-SECRET"
 # Port 1 on loopback: connection refused at once, a real driver error from a real connect.

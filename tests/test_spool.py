@@ -16,8 +16,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy import create_engine, inspect, text
 
 from otel_celery_publish import Settings
-from otel_celery_publish.audit import spool as spool_mod
-from otel_celery_publish.audit.spool import (
+from otel_celery_publish.sink import spool as spool_mod
+from otel_celery_publish.sink.spool import (
     HEADER,
     Decoded,
     Spool,
@@ -27,7 +27,7 @@ from otel_celery_publish.audit.spool import (
     decode,
     encode,
 )
-from otel_celery_publish.audit.writer import AuditWriter
+from otel_celery_publish.sink.writer import AuditWriter
 from tests.otlp_receiver import wait_for
 
 NOW = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)

@@ -16,15 +16,15 @@ from billiard.einfo import ExceptionWithTraceback
 from kombu import serialization
 from sqlalchemy import create_engine, func, select
 
-from otel_celery_publish import _guard
+from otel_celery_publish import _guard, rows
 from otel_celery_publish import headers as hdr
-from otel_celery_publish._celery import messaging_system
-from otel_celery_publish._store import BoundedStore
-from otel_celery_publish.audit import record
-from otel_celery_publish.audit.writer import AuditWriter, make_engine
 from otel_celery_publish.config import DEFAULT_REDACT_KEYS, Settings
+from otel_celery_publish.hooks._celery import messaging_system
+from otel_celery_publish.hooks.pending import BoundedStore
+from otel_celery_publish.hooks.worker import identity, unwrap
+from otel_celery_publish.sink.database import make_engine
+from otel_celery_publish.sink.writer import AuditWriter
 from otel_celery_publish.timing import Waits, queue_waits
-from otel_celery_publish.worker import identity, unwrap
 
 KEYS = frozenset({"password", "token"})
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -156,7 +156,7 @@ def test_redact_masks_nested_keys_case_insensitively() -> None:
         "Password": "pw",
         "items": [({"TOKEN": "t", "n": 1},), 2],
     }
-    out, hit = record.redact(value, KEYS)
+    out, hit = rows.redact(value, KEYS)
     assert hit is True
     assert out == {"user": "bob", "Password": "***", "items": [({"TOKEN": "***", "n": 1},), 2]}
     assert isinstance(out["items"][0], tuple)
@@ -167,7 +167,7 @@ def test_redact_masks_nested_keys_case_insensitively() -> None:
 def test_redact_returns_same_object_when_nothing_matches() -> None:
     """redact() returns the very same object, unflagged, when no key matches."""
     value = {"user": "bob", "items": [({"n": 1},)]}
-    out, hit = record.redact(value, KEYS)
+    out, hit = rows.redact(value, KEYS)
     assert out is value
     assert hit is False
 
@@ -175,18 +175,18 @@ def test_redact_returns_same_object_when_nothing_matches() -> None:
 def test_redact_namedtuple() -> None:
     """redact() masks a sensitive key inside a namedtuple argument (returned as a tuple)."""
     pair = namedtuple("pair", "a b")
-    out, hit = record.redact(pair({"password": "pw"}, 2), KEYS)
+    out, hit = rows.redact(pair({"password": "pw"}, 2), KEYS)
     assert hit is True
     assert out == ({"password": "***"}, 2)
 
 
 def test_redact_args_by_parameter_name() -> None:
     """redact_args() masks positional args whose parameter name is sensitive and recurses."""
-    out, hit = record.redact_args(["bob", "pw", {"token": "t"}], ["user", "Password"], KEYS)
+    out, hit = rows.redact_args(["bob", "pw", {"token": "t"}], ["user", "Password"], KEYS)
     assert hit is True
     assert out == ("bob", "***", {"token": "***"})
     args = ("bob", "alice")
-    assert record.redact_args(args, ["user", "other"], KEYS) == (args, False)
+    assert rows.redact_args(args, ["user", "other"], KEYS) == (args, False)
 
 
 @pytest.mark.parametrize(
@@ -201,13 +201,13 @@ def test_redact_args_by_parameter_name() -> None:
 )
 def test_split_body(body: Any, expected: tuple[Any, Any, Any]) -> None:
     """split_body() extracts (args, kwargs, embed) from protocol 2 tuples and protocol 1 dicts."""
-    assert record.split_body(body) == expected
+    assert rows.split_body(body) == expected
 
 
 def test_encode_payload_roundtrips_through_kombu() -> None:
     """encode_payload() produces bytes that kombu's loads() decodes back to the body."""
     body = [[1, "é"], {"a": {"b": [1.5]}}, {}]
-    data, content_type, encoding, error = record.encode_payload(body, "json", 1_000)
+    data, content_type, encoding, error = rows.encode_payload(body, "json", 1_000)
     assert error is None
     assert isinstance(data, bytes)
     assert content_type == "application/json"
@@ -216,7 +216,7 @@ def test_encode_payload_roundtrips_through_kombu() -> None:
 
 def test_encode_payload_unserializable_returns_error() -> None:
     """encode_payload() reports an unserializable body as an error string instead of raising."""
-    data, content_type, _, error = record.encode_payload([[object()], {}, {}], "json", 1_000)
+    data, content_type, _, error = rows.encode_payload([[object()], {}, {}], "json", 1_000)
     assert (data, content_type) == (None, None)
     assert error is not None
     assert "not serializable with 'json'" in error
@@ -224,7 +224,7 @@ def test_encode_payload_unserializable_returns_error() -> None:
 
 def test_encode_payload_over_max_bytes_drops_data() -> None:
     """encode_payload() drops data larger than max_bytes but keeps its content type."""
-    data, content_type, _, error = record.encode_payload([["x" * 100], {}, {}], "json", 50)
+    data, content_type, _, error = rows.encode_payload([["x" * 100], {}, {}], "json", 50)
     assert data is None
     assert content_type == "application/json"
     assert error is not None
@@ -255,7 +255,7 @@ def _row(**overrides: Any) -> dict[str, Any]:
         "span_id": None,
     }
     kwargs.update(overrides)
-    return record.publish_row(**kwargs)
+    return rows.publish_row(**kwargs)
 
 
 def _payload(row: dict[str, Any]) -> Any:
@@ -480,7 +480,7 @@ def test_record_publish_commits_immediately(writer: AuditWriter, db_url: str) ->
 
 def test_event_before_publish_upserts_and_keeps_columns(writer: AuditWriter, db_url: str) -> None:
     """An event for an unknown id creates the row; the later publish keeps the event's columns."""
-    writer.record_event(_event(received_at=_at(1), worker="w1"))
+    writer.record_update(_event(received_at=_at(1), worker="w1"))
     assert writer.flush() is True
     [stored] = _rows(db_url, writer)
     assert (stored["worker"], stored["payload"]) == ("w1", None)
@@ -505,8 +505,8 @@ def test_events_for_one_id_merge_in_one_batch(
         ship(rows)
 
     monkeypatch.setattr(slow_writer.db, "upsert", spy)
-    slow_writer.record_event(_event(received_at=_at(1)))
-    slow_writer.record_event(_event(started_at=_at(2), worker="w1"))
+    slow_writer.record_update(_event(received_at=_at(1)))
+    slow_writer.record_update(_event(started_at=_at(2), worker="w1"))
     assert slow_writer.flush() is True
     assert len(batches) == 1
     assert len(batches[0]) == 1
@@ -523,7 +523,7 @@ def test_shipping_same_row_twice_stores_once(writer: AuditWriter, db_url: str) -
     row = _row()
     writer.record_publish(row)
     writer.record_publish(row)
-    writer.record_event(row)
+    writer.record_update(row)
     assert writer.flush() is True
     engine = create_engine(db_url)
     with engine.connect() as conn:
@@ -597,7 +597,7 @@ def test_redact_masks_containers_deeper_than_it_reads() -> None:
     value: Any = {"password": "pw"}
     for _ in range(12):
         value = {"level": value}
-    out, hit = record.redact(value, KEYS)
+    out, hit = rows.redact(value, KEYS)
     assert hit is True
     assert "pw" not in repr(out)
 
@@ -605,9 +605,9 @@ def test_redact_masks_containers_deeper_than_it_reads() -> None:
 def test_redacted_protocol1_payload_keeps_its_shape() -> None:
     """With redact_payload, a protocol-1 dict body stays a dict with its other fields."""
     body = {"id": "t1", "task": "x", "args": ["pw"], "kwargs": {"token": "t"}, "eta": None}
-    stored, _ = record.redact(body["kwargs"], KEYS)
+    stored, _ = rows.redact(body["kwargs"], KEYS)
     assert stored == {"token": "***"}
-    row = record.publish_row(
+    row = rows.publish_row(
         publish_id="p", task_id="t1", task_name="x", body=body, headers={"id": "t1"}, properties={},
         exchange="", routing_key="q", published_at=0.0, serializer="json",
         arg_names=("password",), redact_keys=KEYS, redact_payload=True, repr_maxsize=100,

@@ -16,13 +16,13 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 
 from otel_celery_publish import _guard
 from otel_celery_publish._guard import guard
-from otel_celery_publish.audit.writer import AuditWriter
 from otel_celery_publish.config import Settings
-from otel_celery_publish.liveness import Heartbeat
+from otel_celery_publish.hooks.publish import PublishHooks
+from otel_celery_publish.hooks.worker import WorkerHooks
 from otel_celery_publish.package import _instruments
-from otel_celery_publish.publish import PublishHooks
+from otel_celery_publish.sink.heartbeat import Heartbeat
+from otel_celery_publish.sink.writer import AuditWriter
 from otel_celery_publish.version import __version__
-from otel_celery_publish.worker import WorkerHooks
 
 logger = logging.getLogger("otel_celery_publish")
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.30.0"

@@ -29,7 +29,7 @@ unknown task id (:class:`UnknownTask`). Times are aware UTC datetimes::
                                       records the database refused, kept on disk
 
 Schema upgrades for code that already holds an engine (the writer):
-:func:`otel_celery_publish.audit.migrate.upgrade`.
+:func:`otel_celery_publish.schema.migrate.upgrade`.
 """
 
 from otel_celery_publish.audit._replay import (
@@ -60,7 +60,7 @@ from otel_celery_publish.audit._store import (
     quarantined,
     show,
 )
-from otel_celery_publish.audit.quarantine import QuarantinedRecord
+from otel_celery_publish.sink.quarantine import QuarantinedRecord
 
 __all__ = [
     "Attempt",

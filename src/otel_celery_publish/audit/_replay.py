@@ -30,8 +30,8 @@ from sqlalchemy import Row
 
 from otel_celery_publish import headers as hdr
 from otel_celery_publish.audit import _store as store
-from otel_celery_publish.audit.record import split_body
 from otel_celery_publish.config import Settings
+from otel_celery_publish.rows import split_body
 
 Status = Literal["sent", "would_send", "refused", "failed"]
 STATUSES: tuple[Status, ...] = ("sent", "would_send", "refused", "failed")

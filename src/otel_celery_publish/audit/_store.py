@@ -36,12 +36,18 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from otel_celery_publish.audit import migrate
-from otel_celery_publish.audit.quarantine import QuarantinedRecord
-from otel_celery_publish.audit.quarantine import quarantined as read_quarantine
-from otel_celery_publish.audit.schema import audit_table, unfinished_predicate, workers_table
-from otel_celery_publish.audit.writer import drain_spool, make_engine
 from otel_celery_publish.config import Settings
+from otel_celery_publish.schema import migrate
+from otel_celery_publish.schema.table import (
+    LostReason,
+    audit_table,
+    unfinished_predicate,
+    workers_table,
+)
+from otel_celery_publish.sink.database import make_engine
+from otel_celery_publish.sink.quarantine import QuarantinedRecord
+from otel_celery_publish.sink.quarantine import quarantined as read_quarantine
+from otel_celery_publish.sink.shipping import drain_spool
 
 UTC = dt.timezone.utc
 # ``show`` follows replay links at most this many hops from the asked-for task.
@@ -191,19 +197,6 @@ def greatest(dialect: str, *values: Any) -> ColumnElement[Any]:
 
 # -- lost -----------------------------------------------------------------------------------
 
-#: Each ``reason`` :func:`lost` gives, in words (the CLI's table shows these).
-LOST_REASONS: dict[str, str] = {
-    "not_sent": "publish did not complete",
-    "not_received": "sent, never received",
-    "expired": "expired, never received",
-    "not_started": "received, never started",
-    "not_finished": "started, never finished",
-    "worker_dead": "its worker died (heartbeat stopped)",
-    "worker_lost": "its pool process died running it",
-    "discarded": "discarded by the worker",
-    "returned": "returned to the broker at shutdown, never received again",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class LostTask:
@@ -214,7 +207,7 @@ class LostTask:
     publish_id: str
     attempt: int
     queue: str | None
-    reason: str
+    reason: LostReason
     published_at: dt.datetime
     sent_at: dt.datetime | None
     received_at: dt.datetime | None

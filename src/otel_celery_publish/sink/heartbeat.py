@@ -29,10 +29,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from otel_celery_publish._guard import report
-from otel_celery_publish.audit.migrate import upgrade
-from otel_celery_publish.audit.schema import workers_table
-from otel_celery_publish.audit.writer import make_engine, preload_driver
 from otel_celery_publish.config import Settings
+from otel_celery_publish.schema.migrate import upgrade
+from otel_celery_publish.schema.table import workers_table
+from otel_celery_publish.sink.database import make_engine, preload_driver
 
 UTC = dt.timezone.utc
 # A beat may be late by up to one interval (a slow database, a busy host) before the instance

@@ -1,4 +1,4 @@
-"""The audit table as ``audit/schema.py`` defines it, or adopt one created without Alembic.
+"""The audit table as ``schema/table.py`` defines it, or adopt one created without Alembic.
 
 Before migrations existed the writer created the table with ``table.create(checkfirst=True)``;
 such a table is adopted: whatever columns and indexes it lacks are added, nothing is rewritten.

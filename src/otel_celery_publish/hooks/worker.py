@@ -23,14 +23,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from otel_celery_publish import _celery
 from otel_celery_publish import headers as hdr
 from otel_celery_publish._guard import guard
-from otel_celery_publish._store import BoundedStore
-from otel_celery_publish.audit.record import epoch_to_dt
-from otel_celery_publish.audit.writer import AuditWriter, Row
 from otel_celery_publish.config import Settings
-from otel_celery_publish.liveness import Heartbeat
+from otel_celery_publish.hooks import _celery
+from otel_celery_publish.hooks.pending import BoundedStore
+from otel_celery_publish.rows import epoch_to_dt
+from otel_celery_publish.sink.heartbeat import Heartbeat
+from otel_celery_publish.sink.writer import AuditWriter, Row
 from otel_celery_publish.timing import queue_waits
 
 MAX_TRACKED = 10_000
@@ -171,7 +171,7 @@ class WorkerHooks:
             if row is None:
                 return
             self._received.put(request.id, row)
-            self._writer.record_event(
+            self._writer.record_update(
                 {
                     **row,
                     "received_at": epoch_to_dt(now),
@@ -239,7 +239,7 @@ class WorkerHooks:
         self, row: Row, outcome: str, exc_type: str | None, message: str | None,
         runtime: float | None = None, *, lost_reason: str | None = None,
     ) -> None:  # fmt: skip
-        self._writer.record_event(
+        self._writer.record_update(
             {
                 **row,
                 "finished_at": epoch_to_dt(time.time()),
@@ -304,7 +304,7 @@ class WorkerHooks:
             }
             if (req.delivery_info or {}).get("redelivered"):
                 started |= REOPENED
-            self._writer.record_event(started)
+            self._writer.record_update(started)
 
     def _wait_spans(
         self, parent: otel_context.Context, req: Any, name: str, attributes: dict[str, Any], *,

@@ -62,7 +62,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, LargeBinary, Met
 from sqlalchemy.engine import make_url
 
 from otel_celery_publish._guard import report
-from otel_celery_publish.audit.schema import audit_table
+from otel_celery_publish.schema.table import audit_table
 
 logger = logging.getLogger("otel_celery_publish")
 

@@ -10,16 +10,106 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 from celery.utils.saferepr import saferepr
 from kombu import serialization
+from typing_extensions import NotRequired
 
 from otel_celery_publish import headers as hdr
+from otel_celery_publish.schema.table import RecordedLostReason
 
 logger = logging.getLogger("otel_celery_publish")
 
 REDACTED = "***"
+
+
+# -- the row contracts: what the hooks hand to the sink ----------------------------------------
+# Every write of a row is an upsert keyed by ``publish_id`` that sets only the columns it
+# carries, so these commute: a worker's update may land before the publish row it updates.
+
+
+class RowKey(TypedDict):
+    """The columns every write carries: the key, and what a row must have to exist at all."""
+
+    publish_id: str
+    task_id: str
+    task_name: str
+    published_at: dt.datetime
+
+
+class PublishRow(RowKey):
+    """The whole row for one publish attempt, written before the message goes to the broker."""
+
+    attempt: int
+    root_id: str | None
+    parent_id: str | None
+    group_id: str | None
+    queue: str | None
+    exchange: str
+    routing_key: str | None
+    priority: int | None
+    eta: dt.datetime | None
+    expires: dt.datetime | None
+    payload: bytes | None
+    content_type: str | None
+    content_encoding: str | None
+    payload_redacted: bool
+    options: dict[str, Any]
+    args_repr: str
+    kwargs_repr: str
+    publisher_host: str
+    publisher_pid: int
+    trace_id: str | None
+    span_id: str | None
+    error: str | None
+    replay_of: str | None
+
+
+class Sent(RowKey):
+    """``after_task_publish``: the broker took the message."""
+
+    sent_at: dt.datetime
+
+
+class Received(RowKey):
+    """``task_received``, in the worker's main process."""
+
+    received_at: dt.datetime
+    worker: str
+    worker_instance: str | None
+    acks_late: bool
+
+
+class Started(RowKey):
+    """``task_prerun``. A redelivered message reopens the attempt: what an earlier delivery
+    recorded as its end is cleared (the ``finished`` columns set to None)."""
+
+    started_at: dt.datetime
+    worker: str
+    worker_instance: str | None
+    finished_at: NotRequired[None]
+    outcome: NotRequired[None]
+    runtime_s: NotRequired[None]
+    exception_type: NotRequired[None]
+    exception_message: NotRequired[None]
+    lost_reason: NotRequired[None]
+
+
+class Finished(RowKey):
+    """The attempt's end: ``task_postrun`` in the child, or an outcome the main process decided
+    (revoked, rejected, unknown task, pool child lost)."""
+
+    finished_at: dt.datetime
+    outcome: str
+    runtime_s: float | None
+    exception_type: str | None
+    exception_message: str | None
+    lost_reason: RecordedLostReason | None
+
+
+#: A lifecycle update: a partial row the sink merges into the publish row.
+Update = Sent | Received | Started | Finished
 # Celery's own protocol-2 headers: everything else in the headers is the user's (or a tracer's).
 CELERY_HEADERS = frozenset(
     {

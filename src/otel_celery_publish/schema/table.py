@@ -1,6 +1,6 @@
 """The audit table: one row per publish attempt (a retry or a replay is a new row).
 
-The migrations in ``audit/migrations`` create exactly this table (a test compares them); change
+The migrations in ``schema/migrations`` create exactly this table (a test compares them); change
 it here *and* add a revision there.
 
 Indexes lead with ``published_at`` wherever a query scans a time range (``lost``, ``stats``,
@@ -17,6 +17,8 @@ It stays small: one row per worker boot, deleted by ``prune`` once last seen bef
 """
 
 from __future__ import annotations
+
+from typing import Literal, get_args
 
 from sqlalchemy import (
     JSON,
@@ -35,6 +37,35 @@ from sqlalchemy import (
     and_,
     or_,
 )
+
+#: Why ``lost`` lists an attempt: one vocabulary for the SQL, the API, the CLI and the JSON schema.
+LostReason = Literal[
+    "not_sent",
+    "not_received",
+    "expired",
+    "not_started",
+    "not_finished",
+    "worker_dead",
+    "worker_lost",
+    "discarded",
+    "returned",
+]
+#: The reasons a worker writes into the row's ``lost_reason`` column (the others are derived).
+RecordedLostReason = Literal["worker_lost", "discarded"]
+
+#: Each ``reason`` :func:`lost` gives, in words (the CLI's table shows these).
+LOST_REASONS: dict[LostReason, str] = {
+    "not_sent": "publish did not complete",
+    "not_received": "sent, never received",
+    "expired": "expired, never received",
+    "not_started": "received, never started",
+    "not_finished": "started, never finished",
+    "worker_dead": "its worker died (heartbeat stopped)",
+    "worker_lost": "its pool process died running it",
+    "discarded": "discarded by the worker",
+    "returned": "returned to the broker at shutdown, never received again",
+}
+assert set(LOST_REASONS) == set(get_args(LostReason))
 
 metadata = MetaData()
 

@@ -9,7 +9,7 @@ alone), repairs what can be repaired faithfully (NUL bytes stripped, unencodable
 escaped, over-long text cut with a visible :data:`~otel_celery_publish.headers.TRUNCATED`
 marker; the ``publish_id`` key is never rewritten) and writes what is still refused to a
 quarantine file: ``<spool target dir>/quarantine/<host>-<pid>.q``, the spool's framing
-(:func:`~otel_celery_publish.audit.spool.encode`), mode 0600, fsynced. Nothing is dropped
+(:func:`~otel_celery_publish.sink.spool.encode`), mode 0600, fsynced. Nothing is dropped
 silently: every quarantined record is logged, sent to Sentry and counted in
 ``celery.audit.quarantined``, and :func:`quarantined` lists them for ``celery audit drain``.
 """
@@ -30,8 +30,8 @@ from sqlalchemy import JSON, String, Table
 from sqlalchemy import exc as sa_exc
 
 from otel_celery_publish import headers as hdr
-from otel_celery_publish.audit.spool import decode, encode, open_dir, target_dir
 from otel_celery_publish.config import Settings
+from otel_celery_publish.sink.spool import decode, encode, open_dir, target_dir
 
 Row = dict[str, Any]
 SUBDIR = "quarantine"

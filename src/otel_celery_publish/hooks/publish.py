@@ -12,13 +12,13 @@ from typing import Any, NamedTuple
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from otel_celery_publish import _celery
 from otel_celery_publish import headers as hdr
 from otel_celery_publish._guard import guard
-from otel_celery_publish._store import BoundedStore
-from otel_celery_publish.audit.record import epoch_to_dt, iso_to_dt, publish_row
-from otel_celery_publish.audit.writer import AuditWriter
 from otel_celery_publish.config import Settings
+from otel_celery_publish.hooks import _celery
+from otel_celery_publish.hooks.pending import BoundedStore
+from otel_celery_publish.rows import epoch_to_dt, iso_to_dt, publish_row
+from otel_celery_publish.sink.writer import AuditWriter
 
 # A publish whose after_task_publish has not come within this long raised (broker down, bad
 # payload): its span is ended as an error and its row stays visibly not-sent.
@@ -155,7 +155,7 @@ class PublishHooks:
             if state is None:
                 return
             state.span.end()
-            self._writer.record_event(
+            self._writer.record_update(
                 {
                     "publish_id": publish_id,
                     "task_id": state.task_id,
@@ -165,5 +165,5 @@ class PublishHooks:
                 },
                 # Batched from memory in every mode: a crash may lose the last moment's sent_at
                 # (the row and the worker's received_at still tell), never the row itself.
-                durable=False,
+                best_effort=True,
             )

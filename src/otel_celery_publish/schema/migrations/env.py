@@ -1,4 +1,4 @@
-"""Alembic environment for the audit table, run from :mod:`otel_celery_publish.audit.migrate`.
+"""Alembic environment for the audit table, run from :mod:`otel_celery_publish.schema.migrate`.
 
 A library's migrations live inside the host's database: they use their own version table
 (``<table>_alembic_version``, never the host's ``alembic_version``), take the table name and the

@@ -1,26 +1,4 @@
-"""Getting audit records into the database without slowing the host down.
-
-One :class:`AuditWriter` per process. Two entry points:
-
-* :meth:`AuditWriter.record_publish` - the publish row, made durable before the message goes to
-  the broker, as the durability mode promises:
-
-  - ``sync``: committed in the audit database (one prepared single-row upsert on a warm raw
-    connection); if the database fails, the row goes to the spool instead, loudly;
-  - ``spool``: appended to this process's local spool file and handed to the OS;
-  - ``async``: queued in memory (may lose the last moments on a crash).
-
-* :meth:`AuditWriter.record_event` - everything else (sent, received, started, finished): to the
-  spool in ``spool`` mode, else to the in-memory queue.
-
-One background thread per process ships the queue and the spool in batches. When the database is
-down, what was queued in memory moves to the spool, so memory stays bounded and nothing is lost
-with the process; the spool ships when the database is back, and a dead process's spool is
-shipped by the next process that starts on the same spool directory (see :mod:`.spool`).
-
-Every write is an upsert keyed by ``publish_id`` that sets only the columns it carries, so writes
-commute (a worker update may land before the publish row it updates) and shipping a record twice
-stores it once.
+"""The audit database as the writer sees it: bounded connections, prepared upserts, COPY.
 
 Deadlines. A database that accepts connections but never answers (a hung server, a route
 black-holed after the handshake) is invisible to the kernel's timeouts: it acknowledges what we
@@ -37,29 +15,20 @@ when it passes; the connection is then closed and dropped, its protocol state is
   hung connection is dropped and retried with backoff instead of holding the thread forever.
 * a dropped connection's server session may live on, holding the row locks of half a batch:
   the next connection terminates it (see :func:`_bound_connections`).
-
-Refusals. A record the database refuses (see :mod:`.quarantine`) must not stall the records
-behind it: a refused batch is repaired and retried, then split in halves until the refused
-records stand alone; those are quarantined on disk, counted and reported.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib
 import logging
-import os
-import queue
 import sqlite3
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import metrics
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -67,29 +36,13 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.sql.dml import Insert
 
-from otel_celery_publish._guard import report
-from otel_celery_publish.audit.migrate import upgrade
-from otel_celery_publish.audit.quarantine import Quarantine, is_refusal, reason_of, repair
-from otel_celery_publish.audit.schema import audit_table
-from otel_celery_publish.audit.spool import (
-    Spool,
-    SpoolFull,
-    SpoolRefused,
-    adopt_orphans,
-    target_dir,
-)
 from otel_celery_publish.config import Settings
+from otel_celery_publish.schema.migrate import upgrade
+from otel_celery_publish.sink.quarantine import is_refusal
 
 logger = logging.getLogger("otel_celery_publish")
 
 Row = dict[str, Any]
-# After a failed synchronous write, publishes skip the database for this long and go straight to
-# the spool, so a dead database costs one timeout, not one per publish.
-BREAKER_OPEN_S = 5.0
-RETRY_BACKOFF_MAX_S = 30.0
-# A fully shipped segment is deleted once it is this large (less re-shipping after a crash).
-ROTATE_AT_BYTES = 4 << 20
-ADOPT_EVERY_S = 60.0
 # Batches of at least this many rows go to PostgreSQL through COPY.
 COPY_MIN_ROWS = 100
 # One operation of the shipping thread may take this many times db_timeout (see the docstring).
@@ -240,13 +193,6 @@ def _terminate(conn: Any, abandoned: list[int]) -> None:
             raise  # this connection failed too: an outage, reported by the caller
         # No right to (pg_signal_backend): the server's keepalive will, eventually.
         logger.warning("otel-celery-publish: could not end abandoned audit sessions: %r", exc)
-
-
-@dataclass
-class _Flush:
-    done: threading.Event = field(default_factory=threading.Event)
-    ok: bool = False
-    stop: bool = False
 
 
 @dataclass(frozen=True)
@@ -552,396 +498,3 @@ class Database:
         if fairy is not None:
             with contextlib.suppress(Exception):  # already failing; that error is reported
                 fairy.invalidate()
-
-
-def ship_isolating(
-    write: Callable[[list[Row]], None],
-    rows: list[Row],
-    table: Table,
-    refused: Callable[[Row, BaseException], None],
-    *,
-    error: BaseException | None = None,
-) -> None:
-    """``write(rows)``; if the database refuses the data (not an outage: that raises), repair
-    the rows and retry, then split the batch until each refused record stands alone and hand
-    it to ``refused``. One bad record costs about 2 log2(len(rows)) extra statements, only when
-    it occurs; ``error`` is a refusal already met by the caller's own first attempt."""
-    if error is None:
-        try:
-            write(rows)
-            return
-        except Exception as exc:
-            if not is_refusal(exc):
-                raise
-            error = exc
-    pairs = [(row, repair(row, table)) for row in rows]
-    fixes = [(row, fixed[0]) for row, fixed in pairs if fixed is not None]
-    candidates = [(row, row if fixed is None else fixed[0]) for row, fixed in pairs]
-    if fixes:
-        notes = next(fixed[1] for _, fixed in pairs if fixed is not None)
-        report(
-            "audit record repaired",
-            error,
-            f"the audit database refused {len(fixes)} record(s) ({reason_of(error)}); "
-            f"repaired, e.g. {fixes[0][0].get('publish_id')}: {'; '.join(notes)}",
-        )
-        try:
-            write([fixed for _, fixed in candidates])
-            return
-        except Exception as exc:
-            if not is_refusal(exc):
-                raise
-            error = exc
-    _bisect(write, candidates, error, refused)
-
-
-def _bisect(
-    write: Callable[[list[Row]], None],
-    candidates: list[tuple[Row, Row]],
-    error: BaseException,
-    refused: Callable[[Row, BaseException], None],
-) -> None:
-    """``candidates`` (original, repaired) were refused together with ``error``: write each
-    half alone, recursing into a refused half; a lone refused record goes to ``refused``."""
-    if len(candidates) == 1:
-        refused(candidates[0][0], error)
-        return
-    middle = len(candidates) // 2
-    for half in (candidates[:middle], candidates[middle:]):
-        try:
-            write([fixed for _, fixed in half])
-        except Exception as exc:
-            if not is_refusal(exc):
-                raise
-            _bisect(write, half, exc, refused)
-
-
-class AuditWriter:
-    """Per-process audit writer. Safe to share between threads; re-arms itself after fork."""
-
-    db: Database
-    _spool: Spool
-
-    def __init__(self, settings: Settings, meter: metrics.Meter | None = None) -> None:
-        self.settings = settings
-        self.table = audit_table(settings.table_name)
-        self.spool_dir = target_dir(settings.spool_dir, settings.audit_url, settings.table_name)
-        preload_driver(settings.audit_url)
-        meter = meter or metrics.get_meter("otel_celery_publish")
-        self._fallbacks = meter.create_counter(
-            "celery.audit.fallback",
-            unit="{record}",
-            description="Publish rows the sync path could not commit and spooled instead",
-        )
-        self._overflow = meter.create_counter(
-            "celery.audit.spool.overflow",
-            unit="{record}",
-            description="Records the spool refused (spool_max_bytes reached); kept in memory",
-        )
-        self._dropped = meter.create_counter(
-            "celery.audit.dropped",
-            unit="{record}",
-            description="Audit records lost: spool full or unwritable and memory queue full",
-        )
-        self._quarantined = _quarantine_counter(meter)
-        meter.create_observable_gauge(
-            "celery.audit.spool.backlog",
-            callbacks=[self._observe_backlog],
-            unit="By",
-            description="Bytes in this process's spool not yet shipped to the audit database",
-        )
-        self._reset(fork=False)
-        ref = weakref.ref(self)
-
-        def after_fork() -> None:
-            writer = ref()
-            if writer is not None:
-                writer._reset(fork=True)
-
-        def at_exit() -> None:
-            writer = ref()
-            if writer is not None:
-                writer.close(timeout=5.0)
-
-        os.register_at_fork(after_in_child=after_fork)
-        atexit.register(at_exit)
-
-    def _reset(self, *, fork: bool) -> None:
-        # After fork: the parent's connections, spool segment, queue and thread are not ours.
-        # Its sockets and segment must not be closed from here (that would break the parent's),
-        # so just forget them.
-        if fork:
-            self.db.forget()
-            self._spool.forget()
-        self._lock = threading.Lock()
-        self.db = Database(self.settings, self.table)
-        self._spool = Spool(
-            self.spool_dir, fsync=self.settings.spool_fsync, max_bytes=self.settings.spool_max_bytes
-        )
-        # Its lock too: a parent thread may have held it at fork time.
-        self._quarantine = Quarantine(self.spool_dir, self._quarantined.add)
-        self._queue: queue.SimpleQueue[Row | _Flush] = queue.SimpleQueue()
-        # The thread sleeps on this, not on the queue: a put must not wake it (a thread switch
-        # per event costs the task or publish that made it), only flush/close and a backlog.
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._breaker_until = 0.0
-        self._next_adopt = 0.0
-
-    def engine(self) -> Engine:
-        return self.db.engine()
-
-    # -- write paths -----------------------------------------------------------------------
-
-    def record_publish(self, row: Row) -> None:
-        """Make the publish row durable now, as the durability mode says; never raises, and
-        never takes more than ``db_timeout`` (plus a few milliseconds) in ``sync`` mode."""
-        mode = self.settings.durability
-        if mode == "sync":
-            if self._thread is None:
-                self._start()  # it sets the engine up, so this publish need not
-            if time.monotonic() >= self._breaker_until:
-                deadline = time.monotonic() + self.settings.db_timeout
-                try:
-                    self.db.insert_now(row, deadline)
-                    return
-                except Exception as exc:
-                    if self._sync_refused(row, exc, deadline):
-                        return
-            self._fallbacks.add(1)
-        if mode == "async":
-            self._enqueue(row)
-        else:
-            self._to_spool(row)
-
-    def _sync_refused(self, row: Row, exc: Exception, deadline: float) -> bool:
-        """After a failed sync write: True when the row was refused and is now repaired and
-        committed, or quarantined; False (the row goes to the spool) on an outage, which opens
-        the breaker: publishes skip the database for a while, a dead one costs one timeout."""
-        if is_refusal(exc):
-            try:
-                ship_isolating(
-                    lambda rows: self.db.insert_now(rows[0], deadline),
-                    [row],
-                    self.table,
-                    self._refused,
-                    error=exc,
-                )
-                return True
-            except Exception as again:
-                exc = again
-        self._breaker_until = time.monotonic() + BREAKER_OPEN_S
-        report(
-            "audit write",
-            exc,
-            f"audit database unavailable ({exc!r}): publish rows go to the spool in "
-            f"{self.spool_dir} and are shipped when it is back",
-        )
-        return False
-
-    def _refused(self, row: Row, exc: BaseException) -> None:
-        """A record refused even repaired: to the quarantine file (raises if the disk refuses
-        it too: then it stays where it is and is retried), counted and reported."""
-        path = self._quarantine.put(row, exc)
-        report(
-            "audit record quarantined",
-            exc,
-            f"the audit database refused record {row.get('publish_id')} (task "
-            f"{row.get('task_id')}): {reason_of(exc)}; kept in {path} (see celery audit drain)",
-        )
-
-    def record_event(self, row: Row, *, durable: bool = True) -> None:
-        """A partial row (must hold ``publish_id``) for the batched upsert: to the spool in
-        ``spool`` mode unless ``durable`` is False, else to the in-memory queue."""
-        if durable and self.settings.durability == "spool":
-            self._to_spool(row)
-        else:
-            self._enqueue(row)
-
-    def flush(self, timeout: float | None = 10.0) -> bool:
-        """Ship everything queued and spooled so far; True when it reached the database."""
-        return self._signal(_Flush(), timeout)
-
-    def close(self, timeout: float | None = 10.0) -> bool:
-        """Flush, stop the thread and close connections; later writes start afresh."""
-        flushed = self._signal(_Flush(stop=True), timeout)
-        self.db.dispose()
-        return flushed
-
-    def _enqueue(self, row: Row) -> None:
-        if self._thread is None:
-            self._start()
-        self._queue.put(row)
-        if self._queue.qsize() > self.settings.max_pending:
-            self._wake.set()
-
-    def _to_spool(self, row: Row) -> None:
-        if self._thread is None:
-            self._start()
-        try:
-            self._spool.append(row)
-        except Exception as exc:
-            if isinstance(exc, SpoolFull):
-                self._overflow.add(1)
-            report("audit spool (record kept in memory)", exc, f"{exc}; kept in memory instead")
-            self._queue.put(row)
-
-    def _signal(self, msg: _Flush, timeout: float | None) -> bool:
-        if self._thread is None or not self._thread.is_alive():
-            return not self._spool.pending()
-        self._queue.put(msg)
-        self._wake.set()
-        return msg.done.wait(timeout) and msg.ok
-
-    def _observe_backlog(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
-        return [metrics.Observation(self._spool.size - self._spool.shipped)]
-
-    # -- background shipping ---------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the background thread now: it connects, migrates the schema and ships dead
-        processes' spools before the first publish needs any of it."""
-        self._start()
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="otel-celery-publish-audit", daemon=True
-                )
-                self._thread.start()
-
-    def _run(self) -> None:
-        pending: dict[str, Row] = {}
-        interval = self.settings.flush_interval
-        next_ship = time.monotonic()
-        backoff = interval
-        while True:
-            waiters: list[_Flush] = []
-            self._wake.wait(max(0.0, next_ship - time.monotonic()))
-            self._wake.clear()
-            self._drain(pending, waiters)
-            if waiters or time.monotonic() >= next_ship:
-                ok = self._ship(pending)
-                backoff = interval if ok else min(backoff * 2, RETRY_BACKOFF_MAX_S)
-                next_ship = time.monotonic() + backoff
-            shipped = not pending and not self._spool.pending()
-            stop = any(w.stop for w in waiters)
-            if stop:  # before the waiters wake: a pool child exits right after close()
-                self._spool.close(delete=shipped)
-                with self._lock:
-                    self._thread = None
-            for waiter in waiters:
-                waiter.ok = shipped
-                waiter.done.set()
-            if stop:
-                return
-
-    def _ship(self, pending: dict[str, Row]) -> bool:
-        """Ship the memory queue, then the spool, then dead processes' spools. On failure the
-        memory queue moves to the spool: bounded memory, and a crash now loses nothing."""
-        try:
-            self.db.engine()  # connect (and migrate) here, not on the first publish
-            if pending:
-                self._write(list(pending.values()))
-                pending.clear()
-            if self._spool.pending():
-                self._spool.ship(self._write, ROTATE_AT_BYTES)
-            if time.monotonic() >= self._next_adopt:
-                self._next_adopt = time.monotonic() + ADOPT_EVERY_S
-                try:
-                    adopt_orphans(self.spool_dir, self._write)
-                except SpoolRefused as exc:  # another user's tree: not a database outage
-                    report("audit spool adopt", exc, str(exc))
-            return True
-        except Exception as exc:
-            report(
-                "audit batch write",
-                exc,
-                f"audit database unavailable ({exc!r}): records wait in the spool in "
-                f"{self.spool_dir} and are retried with backoff",
-            )
-            self._spill(pending)
-            return False
-
-    def _write(self, rows: list[Row]) -> None:
-        ship_isolating(self.db.upsert, rows, self.table, self._refused)
-
-    def _spill(self, pending: dict[str, Row]) -> None:
-        for publish_id in list(pending):
-            try:
-                self._spool.append(pending[publish_id])
-            except Exception as exc:
-                if isinstance(exc, SpoolFull):
-                    self._overflow.add(len(pending))
-                report("audit spool (record kept in memory)", exc, f"{exc}; kept in memory")
-                return
-            del pending[publish_id]
-
-    def _drain(self, pending: dict[str, Row], waiters: list[_Flush]) -> None:
-        """Take everything queued so far: records merge into ``pending``, flushes wait."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(item, _Flush):
-                waiters.append(item)
-                continue
-            merged = pending.setdefault(item["publish_id"], {})
-            merged.update(item)
-            if len(pending) > self.settings.max_pending:
-                # Memory is full (the database is slow, or this thread starved of the GIL by a
-                # busy publisher): the backlog moves to the spool; dropped only if it refuses.
-                self._spill(pending)
-            if len(pending) > self.settings.max_pending:
-                dropped = next(iter(pending))
-                del pending[dropped]
-                self._dropped.add(1)
-                exc = OverflowError(
-                    f"more than {self.settings.max_pending} audit records waiting in memory "
-                    f"and the spool refuses them; dropped the oldest ({dropped})"
-                )
-                report("audit queue full", exc, str(exc))
-
-
-def _quarantine_counter(meter: metrics.Meter) -> metrics.Counter:
-    return meter.create_counter(
-        "celery.audit.quarantined",
-        unit="{record}",
-        description="Audit records the database refused even repaired; kept in the quarantine",
-    )
-
-
-def drain_spool(settings: Settings) -> int:
-    """Ship the spool leftovers of dead processes now; return the number of records stored.
-
-    A record the database refuses is repaired or quarantined like in the shipping thread
-    (listed by :func:`~otel_celery_publish.audit.quarantine.quarantined`), so one bad record
-    never makes every drain fail.
-    """
-    table = audit_table(settings.table_name)
-    db = Database(settings, table)
-    directory = target_dir(settings.spool_dir, settings.audit_url, settings.table_name)
-    counter = _quarantine_counter(metrics.get_meter("otel_celery_publish"))
-    refused = 0
-
-    def quarantine(row: Row, exc: BaseException) -> None:
-        nonlocal refused
-        path = store.put(row, exc)
-        refused += 1
-        report(
-            "audit record quarantined",
-            exc,
-            f"the audit database refused record {row.get('publish_id')} (task "
-            f"{row.get('task_id')}): {reason_of(exc)}; kept in {path}",
-        )
-
-    store = Quarantine(directory, counter.add)
-    try:
-        shipped = adopt_orphans(
-            directory, lambda rows: ship_isolating(db.upsert, rows, table, quarantine)
-        )
-        return shipped - refused
-    finally:
-        db.dispose()

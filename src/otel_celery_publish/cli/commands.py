@@ -23,11 +23,12 @@ import click
 
 from otel_celery_publish import audit as api
 from otel_celery_publish.audit import _store
-from otel_celery_publish.audit import migrate as migrations
 from otel_celery_publish.audit._replay import STATUSES, Status, dry_run_report
 from otel_celery_publish.audit._stats import METRICS
+from otel_celery_publish.cli.timeline import Bar, duration, render
 from otel_celery_publish.config import Settings, SettingsError
-from otel_celery_publish.timeline import Bar, duration, render
+from otel_celery_publish.schema import migrate as migrations
+from otel_celery_publish.schema.table import LOST_REASONS
 
 F = TypeVar("F", bound=Callable[..., Any])
 UTC = dt.timezone.utc
@@ -309,8 +310,7 @@ def lost(
                 t.task_name,
                 t.queue,
                 t.attempt,
-                _store.LOST_REASONS.get(t.reason, t.reason)
-                + (f" [{t.result_state}]" if t.result_state else ""),
+                LOST_REASONS[t.reason] + (f" [{t.result_state}]" if t.result_state else ""),
                 _time(t.published_at),
                 duration((now - t.published_at).total_seconds()),
                 t.worker,

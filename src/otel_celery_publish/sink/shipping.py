@@ -1,0 +1,133 @@
+"""Shipping batches so that one refused record never stalls the others.
+
+Refusals. A record the database refuses (see :mod:`.quarantine`) must not stall the records
+behind it: a refused batch is repaired and retried, then split in halves until the refused
+records stand alone; those are quarantined on disk, counted and reported.
+
+:func:`drain_spool` ships dead processes' spools now (``celery audit drain``), without the
+writer's thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry import metrics
+from sqlalchemy import Table
+
+from otel_celery_publish._guard import report
+from otel_celery_publish.config import Settings
+from otel_celery_publish.schema.table import audit_table
+from otel_celery_publish.sink.database import Database
+from otel_celery_publish.sink.quarantine import Quarantine, is_refusal, reason_of, repair
+from otel_celery_publish.sink.spool import (
+    adopt_orphans,
+    target_dir,
+)
+
+Row = dict[str, Any]
+
+
+def ship_isolating(
+    write: Callable[[list[Row]], None],
+    rows: list[Row],
+    table: Table,
+    refused: Callable[[Row, BaseException], None],
+    *,
+    error: BaseException | None = None,
+) -> None:
+    """``write(rows)``; if the database refuses the data (not an outage: that raises), repair
+    the rows and retry, then split the batch until each refused record stands alone and hand
+    it to ``refused``. One bad record costs about 2 log2(len(rows)) extra statements, only when
+    it occurs; ``error`` is a refusal already met by the caller's own first attempt."""
+    if error is None:
+        try:
+            write(rows)
+            return
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            error = exc
+    pairs = [(row, repair(row, table)) for row in rows]
+    fixes = [(row, fixed[0]) for row, fixed in pairs if fixed is not None]
+    candidates = [(row, row if fixed is None else fixed[0]) for row, fixed in pairs]
+    if fixes:
+        notes = next(fixed[1] for _, fixed in pairs if fixed is not None)
+        report(
+            "audit record repaired",
+            error,
+            f"the audit database refused {len(fixes)} record(s) ({reason_of(error)}); "
+            f"repaired, e.g. {fixes[0][0].get('publish_id')}: {'; '.join(notes)}",
+        )
+        try:
+            write([fixed for _, fixed in candidates])
+            return
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            error = exc
+    _bisect(write, candidates, error, refused)
+
+
+def _bisect(
+    write: Callable[[list[Row]], None],
+    candidates: list[tuple[Row, Row]],
+    error: BaseException,
+    refused: Callable[[Row, BaseException], None],
+) -> None:
+    """``candidates`` (original, repaired) were refused together with ``error``: write each
+    half alone, recursing into a refused half; a lone refused record goes to ``refused``."""
+    if len(candidates) == 1:
+        refused(candidates[0][0], error)
+        return
+    middle = len(candidates) // 2
+    for half in (candidates[:middle], candidates[middle:]):
+        try:
+            write([fixed for _, fixed in half])
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            _bisect(write, half, exc, refused)
+
+
+def quarantine_counter(meter: metrics.Meter) -> metrics.Counter:
+    return meter.create_counter(
+        "celery.audit.quarantined",
+        unit="{record}",
+        description="Audit records the database refused even repaired; kept in the quarantine",
+    )
+
+
+def drain_spool(settings: Settings) -> int:
+    """Ship the spool leftovers of dead processes now; return the number of records stored.
+
+    A record the database refuses is repaired or quarantined like in the shipping thread
+    (listed by :func:`~otel_celery_publish.sink.quarantine.quarantined`), so one bad record
+    never makes every drain fail.
+    """
+    table = audit_table(settings.table_name)
+    db = Database(settings, table)
+    directory = target_dir(settings.spool_dir, settings.audit_url, settings.table_name)
+    counter = quarantine_counter(metrics.get_meter("otel_celery_publish"))
+    refused = 0
+
+    def quarantine(row: Row, exc: BaseException) -> None:
+        nonlocal refused
+        path = store.put(row, exc)
+        refused += 1
+        report(
+            "audit record quarantined",
+            exc,
+            f"the audit database refused record {row.get('publish_id')} (task "
+            f"{row.get('task_id')}): {reason_of(exc)}; kept in {path}",
+        )
+
+    store = Quarantine(directory, counter.add)
+    try:
+        shipped = adopt_orphans(
+            directory, lambda rows: ship_isolating(db.upsert, rows, table, quarantine)
+        )
+        return shipped - refused
+    finally:
+        db.dispose()
