@@ -18,7 +18,7 @@ existing database ``test``; no broker needed)::
    unpickling, no database), so the drain time can be split into decoding and writing.
 3. **Drain**, ``--rounds`` times: create the database the child pointed at (fresh, empty), put the
    orphaned segments in place (round 1 drains the child's own files; later rounds a byte-identical
-   copy), and time ``otel_celery_publish.sink.writer.drain_spool(settings)``: what
+   copy), and time ``otel_celery_publish.sink.shipping.drain_spool(settings)``: what
    ``celery ... audit drain`` runs. The timing includes connecting and creating the schema,
    which a separate untimed probe into another fresh database measures alone (``schema ms``).
    Then drop the database.
@@ -64,8 +64,9 @@ from _common import (
 from otel_celery_publish.config import Settings
 from otel_celery_publish.schema.table import audit_table
 from otel_celery_publish.sink.database import Database
+from otel_celery_publish.sink.records import read_batches
 from otel_celery_publish.sink.shipping import drain_spool
-from otel_celery_publish.sink.spool import SUFFIX, read_batches, target_dir
+from otel_celery_publish.sink.spool import SUFFIX, target_dir
 
 TASK_NAME = "bench.record_order"
 TABLE = "celery_publish_audit"

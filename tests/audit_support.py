@@ -18,8 +18,8 @@ import jsonschema
 from click.testing import CliRunner, Result
 from sqlalchemy import MetaData, Table, insert, select
 
-from otel_celery_publish.audit import _store
-from otel_celery_publish.cli.commands import audit
+from otel_celery_publish.audit import _db
+from otel_celery_publish.cli import audit
 from otel_celery_publish.config import Settings
 from otel_celery_publish.schema.migrate import upgrade
 from otel_celery_publish.schema.table import audit_table, workers_table
@@ -112,7 +112,7 @@ def cli(
 ) -> Result:
     """``celery -A tests.app audit ARGS`` in this process (click's CliRunner)."""
     extra = ["--audit-url", settings.audit_url, "--table", settings.table_name] if settings else []
-    with mock.patch.object(_store, "now_utc", return_value=NOW):
+    with mock.patch.object(_db, "now_utc", return_value=NOW):
         return CliRunner().invoke(
             audit,
             [*args, *extra],

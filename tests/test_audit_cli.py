@@ -3,20 +3,24 @@ helpers they use (durations, timeline bars)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
+import sqlite3
 from pathlib import Path
 
 import click
 import pytest
 
 from otel_celery_publish import audit
-from otel_celery_publish.audit import _store
-from otel_celery_publish.cli.commands import lifecycle_bars, parse_duration, parse_when
-from otel_celery_publish.cli.timeline import Bar, render
+from otel_celery_publish.audit import _maintenance
+from otel_celery_publish.cli._options import parse_duration, parse_when
+from otel_celery_publish.cli.show import lifecycle_bars
 from otel_celery_publish.config import Settings
 from otel_celery_publish.sink.quarantine import Quarantine
 from otel_celery_publish.sink.spool import target_dir
+from otel_celery_publish.timeline import Bar, render
+from otel_celery_publish.timing import queue_waits
 from tests.audit_support import (
     NOW,
     ago,
@@ -86,10 +90,7 @@ def test_lifecycle_bars_show_where_an_attempt_is_stuck() -> None:
         "nobody": row(sent_at=ago(21)),
         "eta": row(sent_at=ago(21), eta=ago(15), received_at=ago(20.9)),
     }  # fmt: skip
-    bars = {
-        name: lifecycle_bars(_store._attempt(_FakeRow(fields), ""))  # type: ignore[arg-type]
-        for name, fields in rows.items()
-    }
+    bars = {name: lifecycle_bars(_attempt(fields)) for name, fields in rows.items()}
     assert [(b.label, b.end is None) for b in bars["done"][1:]] == [
         ("send", False), ("broker wait", False), ("worker wait", False), ("run", False)
     ]  # fmt: skip
@@ -101,12 +102,23 @@ def test_lifecycle_bars_show_where_an_attempt_is_stuck() -> None:
     assert bars["eta"][-1] == Bar("worker wait", ago(15).timestamp(), None, 1)
 
 
-class _FakeRow:
-    """A row as the database returns it, for the pure bar builder."""
+def test_lifecycle_bars_wait_on_the_spans_edges() -> None:
+    """show's broker and worker waits are timing.queue_waits' edges: from published_at or eta."""
+    late = row(published_at=ago(22), sent_at=ago(21), received_at=ago(20), started_at=ago(19))
+    waits = queue_waits(ago(22).timestamp(), None, ago(20).timestamp(), ago(19).timestamp())
+    assert lifecycle_bars(_attempt(late))[2:4] == [
+        Bar("broker wait", waits.ready, ago(20).timestamp(), 1),
+        Bar("worker wait", ago(20).timestamp(), ago(19).timestamp(), 1),
+    ]
+    assert waits.ready == ago(22).timestamp()
 
-    def __init__(self, fields: dict[str, object]) -> None:
-        full = {name: None for name in _store._ATTEMPT_COLUMNS + _store._ATTEMPT_TIMES}
-        self._mapping = {**full, "attempt": 0, "payload_redacted": False, "options": {}, **fields}
+
+def _attempt(fields: dict[str, object]) -> audit.Attempt:
+    """A seeded row as ``show`` returns it (the payload left out), for the pure bar builder."""
+    names = {f.name for f in dataclasses.fields(audit.Attempt)}
+    known = {name: fields.get(name) for name in names}
+    known |= {"attempt": fields.get("attempt", 0), "payload_redacted": False, "options": {}}
+    return audit.Attempt(**known)  # type: ignore[arg-type]
 
 
 def test_timeline_render_matches_the_demo_and_adds_open_bars() -> None:
@@ -174,11 +186,23 @@ def test_drain_reports_what_the_writer_shipped(
         calls.append(settings)
         return 7
 
-    monkeypatch.setattr(_store, "drain_spool", fake_drain)
+    monkeypatch.setattr(_maintenance, "drain_spool", fake_drain)
     result = cli("drain", "--json", settings=sqlite)
     assert validated("drain", result.stdout) == {"shipped": 7, "quarantined": []}
     assert [c.audit_url for c in calls] == [sqlite.audit_url]
     assert cli("drain", settings=sqlite).stdout == "shipped 7 spooled record(s)\n"
+
+
+def test_drain_needs_a_migrated_table(tmp_path: Path) -> None:
+    """drain refuses a database whose table is not migrated (one line, exit 1) and runs no DDL
+    there: the read side never creates the table behind the operator's back."""
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()
+    empty = Settings.from_env(environ={}, audit_url=f"sqlite:///{path}")
+    result = cli("drain", settings=empty)
+    one_line_error(result.stderr, result.exit_code, "is not migrated")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
 
 
 def test_drain_lists_the_quarantine(sqlite: Settings, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 
 from otel_celery_publish import audit
-from otel_celery_publish.audit import _store
+from otel_celery_publish.audit import _db, _lost
 from otel_celery_publish.config import Settings
 from otel_celery_publish.schema.table import LOST_REASONS
 from tests.audit_support import NOW, ago, beat, cli, database, row, schema, seed, validated
@@ -245,8 +245,8 @@ def test_lost_reads_the_partial_index(tmp_path: Path, pg_url: str) -> None:
     its WHERE clause implies the index predicate."""
     settings = database("postgresql", tmp_path, pg_url)
     liveness_scenario(settings)
-    with _store.open_db(settings) as db:
-        stmt = _store.lost_query(
+    with _db.open_db(settings) as db:
+        stmt = _lost.lost_query(
             db, now=NOW, older_than=dt.timedelta(minutes=10), since=dt.timedelta(days=1),
             until=None,
         )  # fmt: skip

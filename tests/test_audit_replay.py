@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import redis
+from celery import signals
+from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.trace import SpanKind
 
 from otel_celery_publish import CeleryPublishInstrumentor, audit
@@ -175,6 +177,39 @@ def test_replay_refuses_to_record_in_another_database(
     assert "already instrumented with another audit table" in result.stderr
     assert audit_rows(pg, lost["task_id"]) == []
     assert stored(settings, publish_id=lost["publish_id"])[0]["replayed_at"] is None
+
+
+@pytest.mark.parametrize("official_on", [False, True], ids=["official-off", "official-on"])
+def test_replay_undoes_the_instrumentation_it_set_up(
+    tmp_path: Path, pg_url: str, queues: list[str], official_on: bool
+) -> None:
+    """In a process that is not instrumented, replay() instruments for its sends only: after
+    it, its row is stored, our receivers are off before_task_publish again and
+    opentelemetry-instrumentation-celery is as it was (on or off)."""
+    settings = database("sqlite", tmp_path, pg_url)
+    lost = row(sent_at=ago(20))
+    seed(settings, lost)
+    official = CeleryInstrumentor()  # type: ignore[no-untyped-call]
+    if official_on:
+        official.instrument()
+    try:
+        receivers = _publish_receivers()
+        report = audit.replay(
+            app, [lost["task_id"]], policy=audit.Policy(queue=queues[0]), settings=settings
+        )
+        assert report.ok and report.count("sent") == 1
+        assert len(stored(settings, replay_of=lost["publish_id"])) == 1
+        assert _publish_receivers() == receivers
+        assert official.is_instrumented_by_opentelemetry is official_on
+        assert not CeleryPublishInstrumentor().is_instrumented_by_opentelemetry
+    finally:
+        if official.is_instrumented_by_opentelemetry:
+            official.uninstrument()
+
+
+def _publish_receivers() -> set[Any]:
+    """Who is connected to before_task_publish (their lookup keys)."""
+    return {key for key, _ in signals.before_task_publish.receivers}
 
 
 class RecordingApp:

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
-from otel_celery_publish import audit
+from otel_celery_publish import audit, timing
+from otel_celery_publish.audit import _db, _stats
 from otel_celery_publish.config import Settings
 from tests.audit_support import NOW, celery_audit, cli, database, row, seed, validated
 
@@ -36,8 +38,9 @@ def timed(n: int, task: str, queue: str, **offsets: Any) -> dict[str, Any]:
 
 ADD = [
     # sent, received, started, finished, runtime_s, eta (s after publish) -> by hand:
-    #   broker = received - max(sent or published, eta); worker = started - max(received, ready)
-    #   run = runtime_s or finished - started; end to end = finished - published
+    #   ready = max(published, eta); broker = received - ready (sent_at plays no part);
+    #   worker = started - max(received, ready); run = runtime_s or finished - started;
+    #   end to end = finished - ready
     dict(sent_at=0.01, received_at=0.51, started_at=0.61, finished_at=1.61, runtime_s=1.0),
     dict(sent_at=0.01, received_at=1.01, started_at=1.21, finished_at=3.21),  # run 2.0
     dict(sent_at=0.02, received_at=2.02, started_at=2.12, finished_at=2.62, runtime_s=0.5),
@@ -45,16 +48,16 @@ ADD = [
     # Countdown 5 s, received at once and held: no broker wait, worker wait from its ETA.
     dict(sent_at=0.01, eta=5.0, received_at=0.21, started_at=10.0, finished_at=10.5,
          runtime_s=0.5),
-    # The publisher's clock is ahead: negative edges count as 0.
-    dict(sent_at=0.3, received_at=0.1, started_at=0.2, finished_at=0.4, runtime_s=0.2),
+    # The publisher's clock is 0.2 s ahead: ready and received clamp to the start, waits are 0.
+    dict(sent_at=0.3, received_at=-0.2, started_at=-0.1, finished_at=0.1, runtime_s=0.2),
     dict(sent_at=0.01, received_at=3.01, outcome=None),  # still waiting for a pool process
     dict(sent_at=0.01, received_at=0.51, finished_at=0.61, outcome="revoked"),
 ]  # fmt: skip
 ADD_EXPECTED = {
-    "broker_wait": [0.5, 1.0, 2.0, 4.0, 0.0, 0.0, 3.0, 0.5],
+    "broker_wait": [0.51, 1.01, 2.02, 4.0, 0.0, 0.0, 3.01, 0.51],
     "worker_wait": [0.1, 0.2, 0.1, 0.5, 5.0, 0.0],
     "run_time": [1.0, 2.0, 0.5, 4.0, 0.5, 0.2],
-    "end_to_end": [1.61, 3.21, 2.62, 8.5, 10.5, 0.4, 0.61],
+    "end_to_end": [1.61, 3.21, 2.62, 8.5, 5.5, 0.2, 0.61],
 }
 FAIL = [
     dict(sent_at=0.01, received_at=0.11, started_at=0.21, finished_at=1.71, runtime_s=1.5),
@@ -62,7 +65,7 @@ FAIL = [
     dict(sent_at=0.01, received_at=0.31, started_at=0.41, finished_at=3.91, runtime_s=3.5),
 ]
 FAIL_EXPECTED = {
-    "broker_wait": [0.1, 0.2, 0.3],
+    "broker_wait": [0.11, 0.21, 0.31],
     "worker_wait": [0.1, 0.1, 0.1],
     "run_time": [1.5, 2.5, 3.5],
     "end_to_end": [1.71, 2.81, 3.91],
@@ -165,3 +168,68 @@ def test_stats_through_the_celery_entry_point(tmp_path: Path, pg_url: str) -> No
                         settings=settings)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert validated("stats", done.stdout)["outcomes"]["failed"] == 3
+
+
+EDGE_CASES = {
+    "plain": dict(received_at=1.0, started_at=1.5, finished_at=3.0),
+    "eta, held by the worker": dict(eta=5.0, received_at=0.2, started_at=6.0, finished_at=7.0),
+    "eta later than the start": dict(eta=5.0, received_at=0.2, started_at=4.0, finished_at=4.5),
+    "publisher ahead": dict(received_at=-0.3, started_at=-0.2, finished_at=0.5),
+    "received after the start": dict(received_at=2.0, started_at=1.0, finished_at=3.0),
+    "received only": dict(received_at=2.0),
+    "received before a later eta": dict(eta=9.0, received_at=2.0),
+    "started, never received": dict(started_at=1.0, finished_at=2.0),
+    "finished before its eta": dict(eta=5.0, received_at=0.5, finished_at=0.6),
+    "nothing yet": dict(),
+    "eta, nothing yet": dict(eta=30.0),
+}  # fmt: skip
+
+
+def test_sql_and_python_define_the_same_edges(settings: Settings) -> None:
+    """Row by row, timing's SQL (stats over epoch seconds, lost over the timestamp columns)
+    gives the edges and waits timing.edges gives in Python (show's Attempt.waits), and
+    queue_waits (the spans) the same edges wherever the task started."""
+    rows = {
+        name: timed(i, "tests.edges", "q-edges", **f)
+        for i, (name, f) in enumerate(EDGE_CASES.items())
+    }
+    seed(settings, *rows.values())
+    with _db.open_db(settings) as db:
+        c = db.table.c
+        in_time = timing.edges_sql(
+            c.published_at, c.eta, c.received_at, c.started_at, c.finished_at
+        )
+        base = _stats.samples(db, [c.task_name == "tests.edges"], materialized=True)
+        stmt = select(
+            base, in_time.ready.label("ready_at"), in_time.received.label("received_edge_at")
+        ).join(db.table, c.publish_id == base.c.publish_id)
+        found = {r.publish_id: r for r in db.rows(stmt)}
+    assert len(found) == len(EDGE_CASES)
+    for name, seeded_row in rows.items():
+        published, eta, received, started, finished = (
+            _seconds(seeded_row.get(key))
+            for key in ("published_at", "eta", "received_at", "started_at", "finished_at")
+        )
+        assert published is not None
+        python = timing.edges(published, eta, received, started, finished)
+        [attempt] = audit.show(seeded_row["task_id"], settings=settings).attempts
+        assert attempt.waits == python, name
+        sql = found[seeded_row["publish_id"]]
+        assert _seconds(sql.ready_at) == pytest.approx(python.ready, abs=1e-6), name
+        assert _seconds(sql.received_edge_at) == _approx(python.received), name
+        for metric in ("broker_wait", "worker_wait", "end_to_end"):
+            assert getattr(sql, metric) == _approx(getattr(python, metric)), (name, metric)
+        if started is not None:
+            waits = timing.queue_waits(published, eta, received, started)
+            assert (waits.ready, waits.received, waits.skew_s) == (
+                python.ready, python.received, python.skew_s,
+            ), name  # fmt: skip
+
+
+def _seconds(value: dt.datetime | None) -> float | None:
+    aware = _db.utc(value)
+    return None if aware is None else aware.timestamp()
+
+
+def _approx(value: float | None) -> Any:
+    return None if value is None else pytest.approx(value, abs=1e-6)

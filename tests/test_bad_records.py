@@ -24,8 +24,9 @@ from otel_celery_publish import Settings
 from otel_celery_publish.headers import TRUNCATED
 from otel_celery_publish.schema.table import audit_table
 from otel_celery_publish.sink.quarantine import is_refusal, quarantined, repair
+from otel_celery_publish.sink.records import encode
 from otel_celery_publish.sink.shipping import drain_spool
-from otel_celery_publish.sink.spool import SUFFIX, encode, target_dir
+from otel_celery_publish.sink.spool import SUFFIX, target_dir
 from otel_celery_publish.sink.writer import AuditWriter
 
 EXPECTED = frozenset({"audit record repaired", "audit record quarantined"})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from otel_celery_publish.cli.commands import parse_duration, parse_when, resolve_window
+from otel_celery_publish.cli._options import parse_duration, parse_when, resolve_window
 from otel_celery_publish.config import Settings
 from tests.audit_support import (
     NOW,

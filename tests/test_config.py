@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import MetaData
 
 from otel_celery_publish import CeleryPublishInstrumentor
@@ -108,8 +110,6 @@ BAD_KWARGS = [
     ({"spool_dir": "spool"}, "keyword spool_dir", "absolute"),
     ({"table_name": ""}, "keyword table_name", "letters, digits"),
     ({"audit_url": ""}, "keyword audit_url", "postgresql+psycopg"),
-    ({"flush_intervall": 1}, "keyword flush_intervall", "did you mean 'flush_interval'?"),
-    ({"provider": object()}, "keyword provider", "valid: audit_url,"),
 ]
 
 
@@ -117,12 +117,35 @@ BAD_KWARGS = [
 def test_bad_keyword_is_one_line_naming_the_keyword(
     kwargs: dict[str, Any], source: str, accepted: str
 ) -> None:
-    """A bad or unknown keyword raises SettingsError: one line naming the keyword."""
+    """A bad keyword value raises SettingsError: one line naming the keyword."""
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({}, **kwargs)
     message = str(caught.value)
     assert message.startswith(source + " "), message
     assert "\n" not in message and accepted in message, message
+
+
+UNKNOWN_KWARGS = [
+    ({"flush_intervall": 1}, "keyword flush_intervall (did you mean 'flush_interval'?) is not"),
+    ({"colour": object()}, "keyword colour is not a setting; valid: audit_url,"),
+    (
+        {"colour": 1, "flush_intervall": 1},
+        "keywords colour, flush_intervall (did you mean 'flush_interval'?) are not settings",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "start"), UNKNOWN_KWARGS)
+def test_unknown_keywords_raise_type_error_naming_them(kwargs: dict[str, Any], start: str) -> None:
+    """A keyword that is no setting raises TypeError, one line naming every such keyword with a
+    "did you mean" hint when one is close, from from_env() and resolve() alike."""
+    for build in (Settings.from_env, Settings.resolve):
+        with pytest.raises(TypeError) as caught:
+            build(**kwargs)
+        message = str(caught.value)
+        assert message.startswith(start), message
+        assert "\n" not in message and "valid: audit_url," in message, message
+        assert not isinstance(caught.value, SettingsError)
 
 
 @pytest.mark.parametrize("name", FIELDS)
@@ -147,17 +170,55 @@ def test_audit_url_errors_never_show_the_password() -> None:
 def test_instrument_refuses_bad_settings_before_connecting_anything(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """instrument() raises the SettingsError (keyword or variable named) and stays off."""
+    """instrument() raises the TypeError (unknown keyword) or SettingsError (keyword or
+    variable named) and stays off."""
     instrumentor = CeleryPublishInstrumentor()
     assert not instrumentor.is_instrumented_by_opentelemetry
-    with pytest.raises(SettingsError, match=r"^keyword flush_intervall is not a setting"):
+    with pytest.raises(TypeError, match=r"^keyword flush_intervall \(did you mean 'flush_int"):
         instrumentor.instrument(flush_intervall=0.05)
+    with pytest.raises(TypeError, match=r"^keyword settings must be a Settings; got 'async'"):
+        instrumentor.instrument(settings="async")
     with pytest.raises(SettingsError, match=r"^keyword db_timeout must be"):
         instrumentor.instrument(db_timeout=0)
+    with pytest.raises(SettingsError, match=r"^keyword db_timeout must be"):
+        instrumentor.instrument(settings=Settings(), db_timeout=0)
     monkeypatch.setenv("OTEL_CELERY_PUBLISH_FLUSH_INTERVAL", "0")
     with pytest.raises(SettingsError, match=r"^OTEL_CELERY_PUBLISH_FLUSH_INTERVAL must be"):
         instrumentor.instrument()
     assert not instrumentor.is_instrumented_by_opentelemetry
+
+
+def test_instrument_takes_settings_and_keywords_override_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """instrument(settings=...) runs with those settings, the environment unread; a field
+    keyword given with it overrides it, a provider keyword is passed through."""
+    monkeypatch.setenv(ENV_PREFIX + "TABLE_NAME", "from_the_environment")
+    base = Settings(audit_url=f"sqlite:///{tmp_path / 'audit.db'}", spool_dir=str(tmp_path))
+    instrumentor = CeleryPublishInstrumentor()
+    provider = TracerProvider()
+    instrumentor.instrument(settings=base, durability="async", tracer_provider=provider)
+    try:
+        used = instrumentor.writer.settings
+    finally:
+        instrumentor.uninstrument()
+    assert used == dataclasses.replace(base, durability="async")
+    assert used.table_name == "celery_publish_audit" and instrumentor._tracer_provider is provider
+
+
+def test_resolve_is_from_env_without_settings_and_replace_with_them() -> None:
+    """Settings.resolve(): the environment with keyword overrides, or the given settings with
+    non-None keyword overrides, validated like any keyword."""
+    env = {ENV_PREFIX + "DURABILITY": "spool"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("os.environ", env)
+        assert Settings.resolve(max_pending=5) == Settings.from_env(env, max_pending=5)
+    base = Settings(max_pending=3)
+    assert Settings.resolve(base) == base
+    assert Settings.resolve(base, max_pending=None, tracer_provider=object()) == base
+    assert Settings.resolve(base, max_pending="7").max_pending == 7
+    with pytest.raises(SettingsError, match=r"^keyword max_pending must be"):
+        Settings.resolve(base, max_pending=0)
 
 
 # -- valid values ---------------------------------------------------------------------------

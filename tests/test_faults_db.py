@@ -20,9 +20,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
 from otel_celery_publish import Settings
-from otel_celery_publish.sink.database import DeadlineExceeded, _bounded
+from otel_celery_publish.sink.deadline import DeadlineExceeded, bounded
+from otel_celery_publish.sink.records import encode
 from otel_celery_publish.sink.shipping import drain_spool
-from otel_celery_publish.sink.spool import SUFFIX, encode, target_dir
+from otel_celery_publish.sink.spool import SUFFIX, target_dir
 from otel_celery_publish.sink.writer import AuditWriter
 from tests.app import add
 from tests.conftest import audit_rows
@@ -292,7 +293,7 @@ def test_a_session_abandoned_holding_row_locks_is_ended_so_its_rows_ship(
         insert = "INSERT INTO celery_publish_audit (publish_id, task_id, task_name, published_at)"
         raw.execute(insert + " VALUES (%s, 'zombie', 't', now())", (row["publish_id"],))
         proxy.hang(new=False, open_too=True)  # that session's link dies; new ones work
-        with pytest.raises(DeadlineExceeded), _bounded(at=time.monotonic() + 0.2):
+        with pytest.raises(DeadlineExceeded), bounded(at=time.monotonic() + 0.2):
             raw.execute("COMMIT")
         zombie.invalidate()
         writer.record_update(row)

@@ -23,7 +23,7 @@ from otel_celery_publish import audit
 from otel_celery_publish.config import Settings
 from otel_celery_publish.schema.table import workers_table
 from otel_celery_publish.sink.database import make_engine
-from otel_celery_publish.sink.heartbeat import Heartbeat
+from otel_celery_publish.sink.heartbeat import PROCESS_HOOKS, Heartbeat
 from tests.app import (
     add,
     app,
@@ -338,6 +338,14 @@ def test_heartbeat_in_process_on_sqlite_and_fork_safe(tmp_path: Any) -> None:
         heartbeat.stop(5.0)
     [last] = heartbeats(settings, "fork-test@host")
     assert last["stopped_at"] is not None and len(heartbeats(settings, "fork-test@host")) == 1
+
+
+def test_heartbeats_share_one_fork_hook(tmp_path: Any) -> None:
+    """However many heartbeats a process creates, one at-fork hook re-arms them all."""
+    settings = Settings(audit_url=f"sqlite:///{tmp_path / 'audit.db'}")
+    heartbeats = [Heartbeat(settings) for _ in range(3)]
+    assert PROCESS_HOOKS.registered == 1
+    assert all(heartbeat in PROCESS_HOOKS.live() for heartbeat in heartbeats)
 
 
 FORK_WHILE_STARTING = """

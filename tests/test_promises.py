@@ -40,7 +40,8 @@ from otel_celery_publish.config import Settings, default_spool_dir
 from otel_celery_publish.schema.table import audit_table
 from otel_celery_publish.sink import writer as writer_mod
 from otel_celery_publish.sink.database import Database
-from otel_celery_publish.sink.spool import SUFFIX, encode, target_dir
+from otel_celery_publish.sink.records import encode
+from otel_celery_publish.sink.spool import SUFFIX, target_dir
 from otel_celery_publish.sink.writer import AuditWriter
 from tests.app import add, app, fail, ignored, login
 from tests.audit_support import ago, beat, cli, database, row, seed, stored, validated
@@ -106,7 +107,8 @@ def test_message_carries_our_headers_at_both_levels(
     publisher: Publisher, queue_name: str, drain_queue: redis.Redis
 ) -> None:
     """The message on the broker carries traceparent/tracestate, otel_celery_publish_id,
-    otel_celery_published_at and otel_celery_eta, top level and in headers["headers"]."""
+    otel_celery_publish_published_at and otel_celery_publish_eta, top level and in
+    headers["headers"]."""
     parent = trace.NonRecordingSpan(
         trace.SpanContext(
             0x0AF7651916CD43DD8448EB211C80319C,
@@ -318,7 +320,7 @@ def test_our_database_calls_run_with_instrumentation_suppressed(
 def test_packaging_registers_the_entry_points_and_pulls_the_sdk_setup() -> None:
     """The package registers the celery_publish entry point for opentelemetry-instrument and
     the audit command for celery, and depends on opentelemetry-distro and the OTLP exporter;
-    the [postgresql] extra brings psycopg 3."""
+    the [postgresql] extra brings psycopg 3, the [sentry] extra sentry-sdk."""
     from importlib import metadata  # noqa: PLC0415
 
     instrumentors = metadata.entry_points(group="opentelemetry_instrumentor")
@@ -330,6 +332,8 @@ def test_packaging_registers_the_entry_points_and_pulls_the_sdk_setup() -> None:
     names = {r.split(";")[0].split(">")[0].split("~")[0].split("[")[0] for r in requires}
     assert {"opentelemetry-distro", "opentelemetry-exporter-otlp"} <= names
     assert any(r.startswith("psycopg") and "extra == 'postgresql'" in r for r in requires)
+    sentry = [r for r in requires if r.startswith("sentry-sdk")]
+    assert sentry and all("extra ==" in r for r in sentry), "sentry-sdk is an extra, not required"
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -426,28 +430,35 @@ def test_create_schema_false_never_creates_the_table(tmp_path: Path) -> None:
 REPR_ROW: dict[str, Any] = {
     "publish_id": "p", "task_id": "t", "task_name": "tests.login", "properties": {},
     "exchange": "", "routing_key": "q", "published_at": 1_700_000_000.0, "serializer": "json",
-    "arg_names": ("user", "password"), "redact_keys": frozenset({"password"}),
-    "redact_payload": False, "repr_maxsize": 40, "max_payload_bytes": 10_000,
+    "arg_names": ("user", "password"),
     "exclude_headers": (), "host": "h", "pid": 1, "trace_id": None, "span_id": None,
     "headers": {"id": "t", "argsrepr": "('celery-made',)", "kwargsrepr": "{'k': 1}"},
 }  # fmt: skip
+REPR_POLICY = rows.RowPolicy(
+    redact_keys=frozenset({"password"}), redact_payload=False, repr_maxsize=40,
+    max_payload_bytes=10_000,
+)  # fmt: skip
+
+
+def _repr_row(body: Any) -> rows.PublishRow:
+    return rows.publish_row(rows.PublishFacts(body=body, **REPR_ROW), REPR_POLICY)
 
 
 def test_celerys_argsrepr_is_reused_when_nothing_is_masked() -> None:
     """REPR_MAXSIZE row of the table: "when nothing is masked, Celery's own argsrepr header is
     reused" (and ours is built when something is)."""
-    plain = rows.publish_row(body=(["bob"], {"k": 1}, {}), **REPR_ROW)
+    plain = _repr_row((["bob"], {"k": 1}, {}))
     assert (plain["args_repr"], plain["kwargs_repr"]) == ("('celery-made',)", "{'k': 1}")
-    masked = rows.publish_row(body=(["bob", "pw"], {}, {}), **REPR_ROW)
+    masked = _repr_row((["bob", "pw"], {}, {}))
     assert masked["args_repr"] == "('bob', '***')"
 
 
 def test_repr_maxsize_bounds_the_reprs_we_build() -> None:
     """REPR_MAXSIZE is the "length bound of args_repr / kwargs_repr when we build them"."""
     long_kwargs = {"password": "x", "note": "y" * 500}
-    built = rows.publish_row(body=([], long_kwargs, {}), **REPR_ROW)
+    built = _repr_row(([], long_kwargs, {}))
     assert "***" in built["kwargs_repr"]
-    assert len(built["kwargs_repr"]) <= REPR_ROW["repr_maxsize"], built["kwargs_repr"]
+    assert len(built["kwargs_repr"]) <= REPR_POLICY.repr_maxsize, built["kwargs_repr"]
 
 
 def test_max_payload_bytes_zero_never_stores_a_payload(

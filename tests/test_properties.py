@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from kombu import serialization
 
 from otel_celery_publish import headers as hdr
-from otel_celery_publish import rows
-from otel_celery_publish.sink.spool import HEADER, Decoded, check_row, decode, encode
+from otel_celery_publish import redaction, rows
+from otel_celery_publish.sink.records import HEADER, Decoded, check_row, decode, encode
 
 # No example database: the tests leave nothing behind in the work tree.
 PROPERTY = settings(
@@ -88,13 +88,13 @@ def _assert_redacted(before: Any, after: Any, depth: int = 0) -> None:
     """``after`` is ``before`` with every value under a sensitive key masked, containers
     beyond the depth limit masked whole, and everything else the same object."""
     container = isinstance(before, (Mapping, list, tuple))
-    if container and depth > rows._MAX_DEPTH:
-        assert after == rows.REDACTED
+    if container and depth > redaction._MAX_DEPTH:
+        assert after == redaction.REDACTED
     elif isinstance(before, Mapping):
         assert list(after) == list(before)
         for key, value in before.items():
-            if isinstance(key, str) and rows.is_sensitive(key, KEYS):
-                assert after[key] == rows.REDACTED
+            if isinstance(key, str) and redaction.is_sensitive(key, KEYS):
+                assert after[key] == redaction.REDACTED
             else:
                 _assert_redacted(value, after[key], depth + 1)
     elif isinstance(before, (list, tuple)):
@@ -112,7 +112,7 @@ def test_redact_masks_exactly_the_sensitive_values(value: Any) -> None:
     """redact() never raises; it masks every value under a sensitive key within the depth
     limit and leaves the rest unchanged, returning the very input when nothing matched."""
     snapshot = repr(value)
-    out, hit = rows.redact(value, KEYS)
+    out, hit = redaction.redact(value, KEYS)
     _assert_redacted(value, out)
     assert repr(value) == snapshot, "the input is not modified"
     if not hit:
@@ -130,7 +130,7 @@ def test_no_secret_survives_at_any_depth(depth: int, wrappers: list[str]) -> Non
     value: Any = {"user": "bob", "Password": "s3cr3t-value"}
     for kind in wrappers[:depth]:
         value = [value] if kind == "list" else (value,) if kind == "tuple" else {"k": value}
-    out, hit = rows.redact(value, KEYS)
+    out, hit = redaction.redact(value, KEYS)
     assert hit
     assert "s3cr3t-value" not in repr(out)
 
@@ -141,8 +141,8 @@ def test_custom_headers_mask_what_redact_masks(headers: dict[str, Any]) -> None:
     """custom_headers() never raises; it masks sensitive header names like redact() masks
     keys, and says so exactly when something was masked."""
     stored, hit = rows.custom_headers(headers, (), KEYS)
-    plain = {k: rows.jsonable(v) for k, v in headers.items() if k not in rows.CELERY_HEADERS}
-    expected, expected_hit = rows.redact(plain, KEYS)
+    plain = {k: rows.storable(v) for k, v in headers.items() if k not in rows.CELERY_HEADERS}
+    expected, expected_hit = redaction.redact(plain, KEYS)
     assert (stored, hit) == (expected, expected_hit)
 
 

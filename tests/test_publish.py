@@ -13,10 +13,10 @@ from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, format_span_id
+from opentelemetry.trace import SpanKind, StatusCode, format_span_id
 from sqlalchemy import create_engine
 
-from otel_celery_publish import CeleryPublishInstrumentor
+from otel_celery_publish import CeleryPublishInstrumentor, rows
 from tests.app import add, app, login
 from tests.conftest import Publisher, audit_rows, wait_row
 
@@ -168,3 +168,30 @@ def test_per_call_serializer_is_recorded_and_the_row_replayable(
     plain = add.apply_async((1, 2), queue=queue_name)
     [default] = audit_rows(pg, plain.id)
     assert default["options"]["serializer"] == "json"
+
+
+def test_span_is_ended_as_an_error_when_building_the_row_raises(
+    publisher: Publisher,
+    pg: Any,
+    queue_name: str,
+    drain_queue: None,
+    internal_errors: list[tuple[str, BaseException]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failure of ours between starting the producer span and handing it over ends the span
+    (ERROR, error.type) and is reported; the publish still goes through."""
+    failure = RuntimeError("row building broke")
+    failure._ocp_expected = True  # type: ignore[attr-defined]
+
+    def broken(*_args: Any) -> rows.PublishRow:
+        raise failure
+
+    monkeypatch.setattr(rows, "publish_row", broken)
+    result = add.apply_async((1, 2), queue=queue_name)
+    [span] = _producers(publisher, result.id)
+    assert span.end_time is not None
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "RuntimeError"
+    assert internal_errors == [("before_task_publish", failure)]
+    assert app.connection_for_write().default_channel.client.llen(queue_name) == 1
+    assert audit_rows(pg, result.id) == []

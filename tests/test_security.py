@@ -26,18 +26,9 @@ from sqlalchemy import create_engine, inspect, text
 
 from otel_celery_publish import Settings, rows
 from otel_celery_publish.sink import spool as spool_mod
-from otel_celery_publish.sink.spool import (
-    BAD_SUFFIX,
-    HEADER,
-    MAX_RECORD,
-    CorruptRecord,
-    Spool,
-    SpoolRefused,
-    adopt_orphans,
-    check_row,
-    encode,
-    target_dir,
-)
+from otel_celery_publish.sink.directories import SpoolRefused
+from otel_celery_publish.sink.records import HEADER, MAX_RECORD, CorruptRecord, check_row, encode
+from otel_celery_publish.sink.spool import BAD_SUFFIX, Spool, adopt_orphans, target_dir
 from otel_celery_publish.sink.writer import AuditWriter
 from tests.app import add
 from tests.conftest import Publisher, audit_rows
@@ -381,7 +372,7 @@ def test_a_damaged_segment_of_our_own_is_set_aside(
 
 def test_rows_our_code_builds_pass_the_shape_check() -> None:
     """The publish row and the lifecycle updates we write are all audit rows to check_row."""
-    row = rows.publish_row(
+    facts = rows.PublishFacts(
         publish_id="0123456789abcdef0123456789abcdef",
         task_id="t1",
         task_name="tests.add",
@@ -400,25 +391,36 @@ def test_rows_our_code_builds_pass_the_shape_check() -> None:
         published_at=NOW.timestamp(),
         serializer="json",
         arg_names=("a", "b"),
-        redact_keys=frozenset({"token", "authorization"}),
-        redact_payload=True,
-        repr_maxsize=100,
-        max_payload_bytes=1000,
         exclude_headers=(),
         host="h",
         pid=1,
         trace_id="0af7651916cd43dd8448eb211c80319c",
         span_id="b7ad6b7169203331",
     )
+    policy = rows.RowPolicy(
+        redact_keys=frozenset({"token", "authorization"}),
+        redact_payload=True,
+        repr_maxsize=100,
+        max_payload_bytes=1000,
+    )
+    row = rows.publish_row(facts, policy)
     check_row(row)
+    at = NOW.timestamp()
+    for built in (
+        rows.sent(row, at),
+        rows.received(row, at, "w@h", None, acks_late=True),
+        rows.started(row, at, "w@h", "0123", redelivered=True),
+        rows.finished(row, at, "failed", runtime_s=0.5, lost_reason="worker_lost"),
+    ):
+        check_row(built)
     update = _row("p", received_at=NOW, worker="w@h", outcome="failed", runtime_s=0.5)
     check_row({**update, "exception_type": "ValueError", "exception_message": None})
     with pytest.raises(CorruptRecord, match="column runtime_s cannot hold a str"):
         check_row({**update, "runtime_s": "0.5"})
 
 
-def _row_with_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    return rows.publish_row(
+def _row_with_headers(headers: dict[str, Any]) -> rows.PublishRow:
+    facts = rows.PublishFacts(
         publish_id="p1",
         task_id="t1",
         task_name="tests.add",
@@ -430,16 +432,19 @@ def _row_with_headers(headers: dict[str, Any]) -> dict[str, Any]:
         published_at=NOW.timestamp(),
         serializer="json",
         arg_names=("a", "b"),
-        redact_keys=frozenset({"authorization", "api_key", "token"}),
-        redact_payload=False,
-        repr_maxsize=100,
-        max_payload_bytes=1000,
         exclude_headers=(),
         host="h",
         pid=1,
         trace_id=None,
         span_id=None,
     )
+    policy = rows.RowPolicy(
+        redact_keys=frozenset({"authorization", "api_key", "token"}),
+        redact_payload=False,
+        repr_maxsize=100,
+        max_payload_bytes=1000,
+    )
+    return rows.publish_row(facts, policy)
 
 
 def test_credential_headers_are_masked_in_the_row_and_the_row_says_so() -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.transport import Transport
 from sqlalchemy import create_engine
 
-from otel_celery_publish import _guard
+from otel_celery_publish import _guard, _sentry
 from otel_celery_publish.config import DEFAULT_REDACT_KEYS, Settings
 from otel_celery_publish.sink.writer import AuditWriter
 
@@ -174,7 +176,7 @@ def test_an_event_that_cannot_be_scrubbed_is_dropped(
     def broken(*_args: Any) -> None:
         raise RuntimeError("scrubber bug")
 
-    monkeypatch.setattr(_guard._Scrubber, "_collect", broken)
+    monkeypatch.setattr(_sentry._Scrubber, "_collect", broken)
     _guard.report("test outage", RuntimeError(URL), "audit database unavailable")
     sentry_sdk.flush()
     _expected(internal_errors)
@@ -213,17 +215,58 @@ def test_log_lines_are_scrubbed_too(
     ],
 )
 def test_text_scrubbing(text: str, expected: str) -> None:
-    """Strings lose URL passwords and sensitive key=value values; other text is unchanged."""
-    scrubber = _guard._Scrubber(DEFAULT_REDACT_KEYS, frozenset(), send_default_pii=False)
+    """Strings lose URL passwords and sensitive key=value values; other text is unchanged, in
+    log lines and Sentry events alike."""
+    scrubber = _guard.TextScrubber(DEFAULT_REDACT_KEYS, frozenset())
     assert scrubber.text(text) == expected
+    event_scrubber = _sentry._Scrubber(DEFAULT_REDACT_KEYS, frozenset(), send_default_pii=False)
+    assert event_scrubber.text(text) == expected
 
 
 def test_long_text_is_cut_and_a_password_cut_with_it_stays_masked() -> None:
     """Strings beyond MAX_TEXT are cut (bounded scrubbing cost); a URL cut in its password
     still has what is left of it masked."""
-    scrubber = _guard._Scrubber(DEFAULT_REDACT_KEYS, frozenset(), send_default_pii=False)
+    scrubber = _guard.TextScrubber(DEFAULT_REDACT_KEYS, frozenset())
     head = "x" * (_guard.MAX_TEXT - len(" postgresql+psycopg://u:hunt"))
     out = scrubber.text(f"{head} {URL} and more")
     assert len(out) <= _guard.MAX_TEXT + 3
     assert out.endswith(" postgresql+psycopg://u:***...")
     assert "hunt" not in out
+
+
+NO_SENTRY = """
+import logging, sys
+sys.modules["sentry_sdk"] = None  # as if sentry-sdk were not installed: its import fails
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+from opentelemetry.sdk.trace import TracerProvider
+from otel_celery_publish import CeleryPublishInstrumentor, _guard
+instrumentor = CeleryPublishInstrumentor()
+instrumentor.instrument(tracer_provider=TracerProvider(), audit_url=sys.argv[1],
+                        spool_dir=sys.argv[2])
+with _guard.guard("test hook"):
+    raise RuntimeError("our bug")
+_guard.report("test outage", RuntimeError("down"), "audit database unavailable")
+instrumentor.uninstrument()
+assert "otel_celery_publish._sentry" not in sys.modules, "our Sentry side was loaded"
+print("done")
+"""
+
+
+def test_without_sentry_sdk_internal_errors_are_logged_and_nothing_raises(
+    tmp_path: Path,
+) -> None:
+    """Where sentry-sdk cannot be imported, instrument() works and an internal error or an
+    outage is logged, never raised, and our Sentry side is never loaded."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    done = subprocess.run(
+        [sys.executable, "-c", NO_SENTRY, url, str(tmp_path / "spool")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "done", done.stdout
+    assert any("internal error in test hook" in line for line in lines), done.stdout
+    assert any("audit database unavailable" in line for line in lines), done.stdout

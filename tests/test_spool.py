@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import pickle
+import weakref
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,17 +19,9 @@ from sqlalchemy import create_engine, inspect, text
 
 from otel_celery_publish import Settings
 from otel_celery_publish.sink import spool as spool_mod
-from otel_celery_publish.sink.spool import (
-    HEADER,
-    Decoded,
-    Spool,
-    SpoolFull,
-    adopt_orphans,
-    check_row,
-    decode,
-    encode,
-)
-from otel_celery_publish.sink.writer import AuditWriter
+from otel_celery_publish.sink.records import HEADER, Decoded, check_row, decode, encode
+from otel_celery_publish.sink.spool import Spool, SpoolFull, adopt_orphans
+from otel_celery_publish.sink.writer import PROCESS_HOOKS, AuditWriter
 from tests.otlp_receiver import wait_for
 
 NOW = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
@@ -191,6 +185,44 @@ def test_sync_falls_back_to_the_spool_with_a_metric(
         assert writer.flush()
         assert _count(url) == 2
         assert _sums(metrics_reader)["celery.audit.spool.backlog"] == 0
+
+
+def test_a_later_writer_on_the_same_meter_reports_its_backlog(
+    tmp_path: Path, metrics_reader: InMemoryMetricReader, internal_errors: list[Any]
+) -> None:
+    """A meter's one backlog gauge reports the writers alive on it, so a writer created after
+    another was closed is counted (the SDK keeps only the first gauge of a name per meter)."""
+    meter = MeterProvider(metric_readers=[metrics_reader]).get_meter("test")
+    closed = AuditWriter(
+        Settings(audit_url=f"sqlite:///{tmp_path}/a.db", spool_dir=str(tmp_path / "a")), meter
+    )
+    assert closed.close()
+    down = f"sqlite:///{tmp_path}/missing/b.db"  # rows wait in the spool
+    writer = AuditWriter(
+        Settings(audit_url=down, spool_dir=str(tmp_path / "b"), flush_interval=3600), meter
+    )
+    try:
+        writer.record_publish(_row("p1"))
+        assert writer.backlog() > 0
+        assert _sums(metrics_reader)["celery.audit.spool.backlog"] == writer.backlog()
+    finally:
+        writer.close(timeout=5.0)
+    assert "audit write" in [where for where, _ in internal_errors]
+    internal_errors.clear()
+
+
+def test_writers_share_one_fork_hook_and_one_exit_hook(tmp_path: Path) -> None:
+    """However many writers a process creates, one at-fork and one atexit hook serve them all,
+    and holding a writer there does not keep it alive."""
+    settings = Settings(audit_url=f"sqlite:///{tmp_path}/a.db", spool_dir=str(tmp_path / "s"))
+    writers = [AuditWriter(settings) for _ in range(3)]
+    assert PROCESS_HOOKS.registered == 2
+    assert all(writer in PROCESS_HOOKS.live() for writer in writers)
+    for writer in writers:
+        assert writer.close()
+    gone = weakref.ref(writers.pop(0))  # the loop variable still holds the last one
+    gc.collect()
+    assert gone() is None
 
 
 def test_async_mode_ships_in_batches(tmp_path: Path, metrics_reader: InMemoryMetricReader) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -16,12 +18,13 @@ from billiard.einfo import ExceptionWithTraceback
 from kombu import serialization
 from sqlalchemy import create_engine, func, select
 
-from otel_celery_publish import _guard, rows
+from otel_celery_publish import _guard, redaction, rows
 from otel_celery_publish import headers as hdr
 from otel_celery_publish.config import DEFAULT_REDACT_KEYS, Settings
 from otel_celery_publish.hooks._celery import messaging_system
+from otel_celery_publish.hooks._outcomes import unwrap
 from otel_celery_publish.hooks.pending import BoundedStore
-from otel_celery_publish.hooks.worker import identity, unwrap
+from otel_celery_publish.hooks.worker import row_key
 from otel_celery_publish.sink.database import make_engine
 from otel_celery_publish.sink.writer import AuditWriter
 from otel_celery_publish.timing import Waits, queue_waits
@@ -156,7 +159,7 @@ def test_redact_masks_nested_keys_case_insensitively() -> None:
         "Password": "pw",
         "items": [({"TOKEN": "t", "n": 1},), 2],
     }
-    out, hit = rows.redact(value, KEYS)
+    out, hit = redaction.redact(value, KEYS)
     assert hit is True
     assert out == {"user": "bob", "Password": "***", "items": [({"TOKEN": "***", "n": 1},), 2]}
     assert isinstance(out["items"][0], tuple)
@@ -167,7 +170,7 @@ def test_redact_masks_nested_keys_case_insensitively() -> None:
 def test_redact_returns_same_object_when_nothing_matches() -> None:
     """redact() returns the very same object, unflagged, when no key matches."""
     value = {"user": "bob", "items": [({"n": 1},)]}
-    out, hit = rows.redact(value, KEYS)
+    out, hit = redaction.redact(value, KEYS)
     assert out is value
     assert hit is False
 
@@ -175,18 +178,18 @@ def test_redact_returns_same_object_when_nothing_matches() -> None:
 def test_redact_namedtuple() -> None:
     """redact() masks a sensitive key inside a namedtuple argument (returned as a tuple)."""
     pair = namedtuple("pair", "a b")
-    out, hit = rows.redact(pair({"password": "pw"}, 2), KEYS)
+    out, hit = redaction.redact(pair({"password": "pw"}, 2), KEYS)
     assert hit is True
     assert out == ({"password": "***"}, 2)
 
 
 def test_redact_args_by_parameter_name() -> None:
     """redact_args() masks positional args whose parameter name is sensitive and recurses."""
-    out, hit = rows.redact_args(["bob", "pw", {"token": "t"}], ["user", "Password"], KEYS)
+    out, hit = redaction.redact_args(["bob", "pw", {"token": "t"}], ["user", "Password"], KEYS)
     assert hit is True
     assert out == ("bob", "***", {"token": "***"})
     args = ("bob", "alice")
-    assert rows.redact_args(args, ["user", "other"], KEYS) == (args, False)
+    assert redaction.redact_args(args, ["user", "other"], KEYS) == (args, False)
 
 
 @pytest.mark.parametrize(
@@ -231,7 +234,12 @@ def test_encode_payload_over_max_bytes_drops_data() -> None:
     assert "exceeds max_payload_bytes=50" in error
 
 
-def _row(**overrides: Any) -> dict[str, Any]:
+POLICY = rows.RowPolicy(
+    redact_keys=KEYS, redact_payload=False, repr_maxsize=1_000, max_payload_bytes=10_000
+)
+
+
+def _row(policy: rows.RowPolicy = POLICY, **overrides: Any) -> rows.PublishRow:
     kwargs: dict[str, Any] = {
         "publish_id": "p1",
         "task_id": "t1",
@@ -244,10 +252,6 @@ def _row(**overrides: Any) -> dict[str, Any]:
         "published_at": T0,
         "serializer": "json",
         "arg_names": ("user", "password"),
-        "redact_keys": KEYS,
-        "redact_payload": False,
-        "repr_maxsize": 1_000,
-        "max_payload_bytes": 10_000,
         "exclude_headers": (),
         "host": "h",
         "pid": 1,
@@ -255,10 +259,10 @@ def _row(**overrides: Any) -> dict[str, Any]:
         "span_id": None,
     }
     kwargs.update(overrides)
-    return rows.publish_row(**kwargs)
+    return rows.publish_row(rows.PublishFacts(**kwargs), policy)
 
 
-def _payload(row: dict[str, Any]) -> Any:
+def _payload(row: rows.PublishRow) -> Any:
     return serialization.loads(  # type: ignore[no-untyped-call]
         row["payload"], row["content_type"], row["content_encoding"]
     )
@@ -278,8 +282,8 @@ def test_publish_row_redacts_reprs_but_stores_real_payload() -> None:
 
 
 def test_publish_row_redact_payload_stores_redacted_body() -> None:
-    """publish_row(redact_payload=True) stores the redacted body and flags payload_redacted."""
-    row = _row(redact_payload=True)
+    """publish_row() under redact_payload stores the redacted body and flags payload_redacted."""
+    row = _row(dataclasses.replace(POLICY, redact_payload=True))
     assert _payload(row) == [["bob", "***"], {"token": "***", "n": 1}, {}]
     assert row["payload_redacted"] is True
 
@@ -401,15 +405,15 @@ def test_unwrap_returns_real_exception() -> None:
     assert unwrap(None, None) is None
 
 
-def test_identity_none_without_our_headers() -> None:
-    """identity() returns None unless both publish id and a valid publish time are present."""
-    assert identity({"id": "t1", "task": "x"}) is None
-    assert identity({hdr.PUBLISH_ID: "p1", hdr.PUBLISHED_AT: "bad"}) is None
-    row = identity(
+def test_row_key_none_without_our_headers() -> None:
+    """row_key() returns None unless both publish id and a valid publish time are present."""
+    assert row_key({"id": "t1", "task": "x"}) is None
+    assert row_key({hdr.PUBLISH_ID: "p1", hdr.PUBLISHED_AT: "bad"}) is None
+    key = row_key(
         {"id": "t1", "task": "x", "headers": {hdr.PUBLISH_ID: "abc123", hdr.PUBLISHED_AT: T0}}
     )
-    assert identity({hdr.PUBLISH_ID: "not-ours!", hdr.PUBLISHED_AT: T0}) is None
-    assert row == {
+    assert row_key({hdr.PUBLISH_ID: "not-ours!", hdr.PUBLISHED_AT: T0}) is None
+    assert key == {
         "publish_id": "abc123",
         "task_id": "t1",
         "task_name": "x",
@@ -537,6 +541,44 @@ def test_make_engine_rejects_unsupported_scheme() -> None:
         make_engine("mysql://localhost/db")
 
 
+_PACKAGE = Path(rows.__file__).parent  # src/otel_celery_publish
+
+
+def _own_imports(module: str) -> set[str]:
+    """The package's modules (not packages) that ``module``'s import statements name."""
+    source = _PACKAGE.parent.joinpath(*module.split(".")).with_suffix(".py")
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        # Package __init__ files are left out: any import of ours runs the top-level one,
+        # which loads the instrumentor for the public API; this pins the modules' own edges.
+        found |= {
+            name
+            for name in names
+            if name.startswith("otel_celery_publish.")
+            and _PACKAGE.parent.joinpath(*name.split(".")).with_suffix(".py").exists()
+        }
+    return found
+
+
+@pytest.mark.parametrize("module", ["database", "shipping", "quarantine"])
+def test_what_the_read_side_imports_of_the_sink_never_reaches_the_writer(module: str) -> None:
+    """The sink modules audit/ imports reach neither sink.writer (the shipping thread) nor the
+    hooks through any chain of their own imports."""
+    seen, todo = set(), [f"otel_celery_publish.sink.{module}"]
+    while todo:
+        for name in _own_imports(todo.pop()) - seen:
+            seen.add(name)
+            todo.append(name)
+    assert "otel_celery_publish.sink.writer" not in seen
+    assert not {name for name in seen if name.startswith("otel_celery_publish.hooks")}
+
+
 # -- guard ---------------------------------------------------------------------------------
 
 
@@ -597,7 +639,7 @@ def test_redact_masks_containers_deeper_than_it_reads() -> None:
     value: Any = {"password": "pw"}
     for _ in range(12):
         value = {"level": value}
-    out, hit = rows.redact(value, KEYS)
+    out, hit = redaction.redact(value, KEYS)
     assert hit is True
     assert "pw" not in repr(out)
 
@@ -605,14 +647,17 @@ def test_redact_masks_containers_deeper_than_it_reads() -> None:
 def test_redacted_protocol1_payload_keeps_its_shape() -> None:
     """With redact_payload, a protocol-1 dict body stays a dict with its other fields."""
     body = {"id": "t1", "task": "x", "args": ["pw"], "kwargs": {"token": "t"}, "eta": None}
-    stored, _ = rows.redact(body["kwargs"], KEYS)
+    stored, _ = redaction.redact(body["kwargs"], KEYS)
     assert stored == {"token": "***"}
-    row = rows.publish_row(
+    facts = rows.PublishFacts(
         publish_id="p", task_id="t1", task_name="x", body=body, headers={"id": "t1"}, properties={},
         exchange="", routing_key="q", published_at=0.0, serializer="json",
-        arg_names=("password",), redact_keys=KEYS, redact_payload=True, repr_maxsize=100,
-        max_payload_bytes=10_000, exclude_headers=(), host="h", pid=1, trace_id=None, span_id=None,
+        arg_names=("password",), exclude_headers=(), host="h", pid=1, trace_id=None, span_id=None,
     )  # fmt: skip
+    policy = rows.RowPolicy(
+        redact_keys=KEYS, redact_payload=True, repr_maxsize=100, max_payload_bytes=10_000
+    )
+    row = rows.publish_row(facts, policy)
     decoded = json.loads(row["payload"])
     assert decoded["id"] == "t1"
     assert (decoded["args"], decoded["kwargs"]) == (["***"], {"token": "***"})

@@ -1,21 +1,20 @@
 """The never-raise-into-the-host guard.
 
 Every hook body runs inside :func:`guard`. An internal failure is logged (rate-limited per place
-and exception type) and sent to Sentry when sentry-sdk is initialised. Our logger is ignored by
-Sentry's logging integration so the same failure does not become a second event, and because we
-never let the exception escape, Celery's ``Signal.send`` never logs it either.
+and exception type) and, when the host uses Sentry, sent to it once, scrubbed
+(:mod:`otel_celery_publish._sentry`). Because we never let the exception escape, Celery's
+``Signal.send`` never logs it either.
 
-What we send must not carry the audit database's password (or any other secret): it is in the
-stack frames' local variables of a failed connection (the URL, libpq's conninfo, the Settings).
-So every event we capture goes through a scope of its own, forked from the host's, with one
-event processor: sentry-sdk's :class:`~sentry_sdk.scrubber.EventScrubber` (its denylist, made
-recursive) plus our rules, applied to frame variables, exception messages, breadcrumbs, extra,
-contexts and tags: a key *containing* a sensitive word (the ``redact_keys`` setting, always with
-the defaults) is masked, and in every string the password of a URL (``scheme://user:***@``),
-``key=value`` pairs under a sensitive key and every secret value seen that way or registered
-with :func:`configure` become ``***``. The host's own Sentry configuration and events are left
-alone: the host owns ``sentry_sdk.init``. If scrubbing fails, the event is dropped, not sent.
-Our log lines get the same string scrubbing.
+sentry-sdk is optional (the ``sentry`` extra) and never imported by us: our Sentry side is
+loaded at the first report, and only if ``sentry_sdk`` is already in ``sys.modules``. A host
+that never imported it has no client to send to; importing it ourselves would only cost (about
+0.2 s and its integrations' patching) in every web and worker process.
+
+What we log must not carry the audit database's password (or any other secret): it is in the
+messages of a failed connection (the URL, libpq's conninfo). So every line goes through
+:class:`TextScrubber`: the password of a URL (``scheme://user:***@``), ``key=value`` pairs under
+a sensitive key (the ``redact_keys`` setting, always with the defaults) and every secret
+registered with :func:`configure` become ``***``. Sentry events get the same rules and more.
 """
 
 from __future__ import annotations
@@ -23,21 +22,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
-
-import sentry_sdk
-from sentry_sdk._types import AnnotatedValue
-from sentry_sdk.integrations.logging import ignore_logger
-from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
-from sentry_sdk.utils import safe_repr
 
 from otel_celery_publish.config import DEFAULT_REDACT_KEYS
 
 logger = logging.getLogger("otel_celery_publish")
-ignore_logger(logger.name)
 
 REPEAT_AFTER_S = 60.0
 REDACTED = "***"
@@ -55,20 +49,38 @@ _secrets: frozenset[str] = frozenset()
 # cost stays linear in the text (a huge local variable must not stall the host's publish).
 _URL = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]{0,30}://[^\s'\"<>]{1,4096}")
 _NOT_SECRETS = frozenset({REDACTED, "[filtered]", "none", "null", "true", "false"})
-_MAX_DEPTH = 32
 # Longer strings are cut (Sentry itself no longer does by default): scrubbing stays cheap on
 # the thread that reports, which in sync mode is the host's publish.
 MAX_TEXT = 16 << 10
+
+Capture = Callable[[BaseException, frozenset[str], frozenset[str]], None]
+_capture: Capture | None = None
+_sentry_unusable = False
+# A fork while one of our threads imports our Sentry side would hand the child that module's
+# import lock, held by a thread it does not have (its first report would hang forever). The
+# import runs under this lock, and a fork waits for it; once loaded, reports never take it.
+_LOADING = threading.Lock()
+
+
+def _release_loading() -> None:
+    _LOADING.release()
+
+
+os.register_at_fork(
+    before=_LOADING.acquire, after_in_parent=_release_loading, after_in_child=_release_loading
+)
 
 
 def configure(*, redact_keys: Iterable[str] = (), urls: Iterable[str] = ()) -> None:
     """Add to what our events and log lines must never show: values under keys containing one
     of ``redact_keys`` (the defaults always apply) and the passwords of ``urls`` (the audit
-    database's, wherever they occur). Call with the Settings when instrumenting."""
+    database's, wherever they occur). Call with the Settings when instrumenting: it also loads
+    our Sentry side now, on the caller's thread, if the host has imported sentry-sdk."""
     global _redact_keys, _secrets  # noqa: PLW0603 - process-wide, like sentry-sdk's own client
     _redact_keys = _redact_keys | {key.lower() for key in redact_keys}
     found = {_url_password(m.group(0)) for url in urls for m in _URL.finditer(url)}
     _secrets = _secrets | {s for s in found if s is not None and len(s) >= MIN_SECRET}
+    _sentry_capture()
 
 
 @contextlib.contextmanager
@@ -81,7 +93,7 @@ def guard(where: str) -> Iterator[None]:
 
 
 def report(where: str, exc: BaseException, message: str | None = None) -> None:
-    """Log and capture ``exc`` once per (where, type) per :data:`REPEAT_AFTER_S`.
+    """Log and capture ``exc`` once per (where, type) per :data:`REPEAT_AFTER_S`; never raises.
 
     Without ``message`` it is our bug (logged as an internal error, with the traceback); with
     one it is a condition the operator must know about, e.g. the audit database being down.
@@ -94,9 +106,10 @@ def report(where: str, exc: BaseException, message: str | None = None) -> None:
     if last is not None and now - last < REPEAT_AFTER_S:
         return
     _last_report[key] = now
-    client = sentry_sdk.get_client()
-    pii = client.is_active() and bool(client.options.get("send_default_pii"))
-    scrubber = _Scrubber(_redact_keys, _secrets, send_default_pii=pii)
+    # Before logging: loading it makes Sentry's logging integration ignore our logger, so the
+    # line below does not become a second event.
+    capture = _sentry_capture()
+    scrubber = TextScrubber(_redact_keys, _secrets)
     if message is None:
         logger.error(
             "otel-celery-publish internal error in %s (publish and task continue): %s",
@@ -108,10 +121,33 @@ def report(where: str, exc: BaseException, message: str | None = None) -> None:
         logger.warning(
             "otel-celery-publish: %s (publish and task continue)", scrubber.text(message)
         )
-    if client.is_active():
-        with sentry_sdk.new_scope() as scope:
-            scope.add_event_processor(scrubber.process)
-            scope.capture_exception(exc)
+    if capture is not None:
+        try:
+            capture(exc, _redact_keys, _secrets)
+        except Exception:  # sentry-sdk's own failure must not reach the host either
+            logger.debug("otel-celery-publish: a Sentry capture failed", exc_info=True)
+
+
+def _sentry_capture() -> Capture | None:
+    """:func:`otel_celery_publish._sentry.capture`, loaded on first need, if the host imported
+    sentry-sdk (``sys.modules['sentry_sdk'] = None`` blocks it, as Python's import does)."""
+    global _capture, _sentry_unusable  # noqa: PLW0603 - loaded once per process
+    if _capture is not None or _sentry_unusable or sys.modules.get("sentry_sdk") is None:
+        return _capture
+    with _LOADING:
+        if _capture is None and not _sentry_unusable:
+            try:
+                from otel_celery_publish._sentry import capture  # noqa: PLC0415 - see docstring
+            except Exception:  # a sentry-sdk we do not support: internal errors are logged only
+                _sentry_unusable = True
+                logger.warning(
+                    "otel-celery-publish: sentry-sdk is imported but unusable (need >= 2.0); "
+                    "internal errors are logged only",
+                    exc_info=True,
+                )
+            else:
+                _capture = capture
+    return _capture
 
 
 def _url_parts(url: str) -> tuple[str, str, str] | None:
@@ -155,39 +191,13 @@ def _kv_pattern(keys: frozenset[str]) -> re.Pattern[str]:
     )
 
 
-class _Scrubber(EventScrubber):
-    """Sentry's scrubber (recursive, its denylist plus ours) with our rules on top."""
+class TextScrubber:
+    """The string rules, for our log lines and (with more) our Sentry events."""
 
-    def __init__(
-        self, keys: frozenset[str], secrets: frozenset[str], *, send_default_pii: bool
-    ) -> None:
-        super().__init__(
-            denylist=[*DEFAULT_DENYLIST, *keys], recursive=True, send_default_pii=send_default_pii
-        )
+    def __init__(self, keys: frozenset[str], secrets: Iterable[str]) -> None:
         self.keys = keys
         self.secrets = set(secrets)
         self._pattern = _kv_pattern(keys)
-
-    def process(self, event: Any, _hint: Any) -> Any:
-        """The event processor: the scrubbed event, or None (dropped) if scrubbing failed."""
-        try:
-            self._collect(event, 0)
-            self.scrub_event(event)  # sentry's sections: request, extra, user, breadcrumbs...
-            for section in ("contexts", "tags"):
-                if isinstance(event.get(section), dict):
-                    self.scrub_dict(event[section])
-            self._walk(event, 0, keys=False)  # every other string: messages, exceptions
-        except Exception:  # never send what we could not scrub
-            logger.debug("otel-celery-publish: a Sentry event was dropped", exc_info=True)
-            return None
-        return event
-
-    def sensitive(self, key: Any) -> bool:
-        if not isinstance(key, str):
-            return False
-        lowered = key.lower()
-        normal = lowered.replace("-", "_")
-        return lowered in self.denylist or any(k in normal or k in lowered for k in self.keys)
 
     def text(self, value: str) -> str:
         """``value`` with URL passwords, sensitive ``key=value`` pairs and known secrets masked,
@@ -200,66 +210,17 @@ class _Scrubber(EventScrubber):
             value = value.replace(secret, REDACTED)
         return value
 
-    def scrub_dict(self, d: object, _depth: int = 0) -> None:
-        if isinstance(d, dict):
-            self._walk(d, _depth, keys=True)
+    def learn_from(self, value: str) -> None:
+        """Learn the secrets ``value`` shows (URL passwords, sensitive values), to mask them
+        everywhere."""
+        value = value[:MAX_TEXT]
+        for m in _URL.finditer(value):
+            self.learn(_url_password(m.group(0)) or "")
+        for m in self._pattern.finditer(value):
+            self.learn(m.group(3))
 
-    def scrub_list(self, lst: object, _depth: int = 0) -> None:
-        if isinstance(lst, list):
-            self._walk(lst, _depth, keys=True)
-
-    def _walk(self, value: Any, depth: int, *, keys: bool) -> Any:
-        """``value`` scrubbed (containers in place). In the data sections (``keys``), objects
-        become their scrubbed repr, which is what Sentry's serializer would have sent; elsewhere
-        they are the event's own fields (a timestamp) and stay."""
-        if isinstance(value, str):
-            return self.text(value)
-        if value is None or isinstance(value, (bool, int, float)):
-            return value
-        if depth > _MAX_DEPTH:
-            return REDACTED
-        if isinstance(value, (dict, list, tuple, AnnotatedValue)):
-            return self._walk_container(value, depth, keys=keys)
-        return self.text(safe_repr(value)) if keys else value
-
-    def _walk_container(self, value: Any, depth: int, *, keys: bool) -> Any:
-        if isinstance(value, AnnotatedValue):
-            value.value = self._walk(value.value, depth + 1, keys=keys)
-        elif isinstance(value, dict):
-            for k, v in list(value.items()):
-                if keys and self.sensitive(k):
-                    value[k] = AnnotatedValue.substituted_because_contains_sensitive_data()
-                else:
-                    value[k] = self._walk(v, depth + 1, keys=keys)
-        else:
-            items = [self._walk(v, depth + 1, keys=keys) for v in value]
-            if isinstance(value, tuple):
-                return items
-            value[:] = items
-        return value
-
-    def _collect(self, value: Any, depth: int) -> None:
-        """Learn the secrets this event shows somewhere, to mask them everywhere."""
-        if depth > _MAX_DEPTH:
-            return
-        if isinstance(value, str):
-            value = value[:MAX_TEXT]
-            for m in _URL.finditer(value):
-                self._learn(_url_password(m.group(0)) or "")
-            for m in self._pattern.finditer(value):
-                self._learn(m.group(3))
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                if self.sensitive(k) and isinstance(v, str):
-                    self._learn(v)
-                self._collect(v, depth + 1)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                self._collect(v, depth + 1)
-        elif isinstance(value, AnnotatedValue):
-            self._collect(value.value, depth + 1)
-
-    def _learn(self, value: str) -> None:
+    def learn(self, value: str) -> None:
+        """Mask ``value`` (unquoted) wherever it occurs, if it is long enough to be a secret."""
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]

@@ -2,8 +2,9 @@
 
 Every value is checked once, when the settings are built (``instrument()``, ``Settings.from_env``,
 ``Settings(...)``, the ``audit`` commands): a bad one raises :class:`SettingsError`, one line
-naming the variable (``OTEL_CELERY_PUBLISH_<NAME>``) or the keyword and what it accepts. Nothing
-is checked on the publish path.
+naming the variable (``OTEL_CELERY_PUBLISH_<NAME>``) or the keyword and what it accepts; a
+keyword that is no setting raises :class:`TypeError` naming it (with a "did you mean" hint), as
+Python does for any unexpected keyword. Nothing is checked on the publish path.
 """
 
 from __future__ import annotations
@@ -158,15 +159,13 @@ class Settings:
         """Build from the environment, then apply non-None ``overrides`` (instrument() kwargs).
 
         An empty variable counts as unset. Keywords other than the fields and
-        :data:`PASS_THROUGH_KEYWORDS` are refused, so a misspelt one is not silently ignored.
+        :data:`PASS_THROUGH_KEYWORDS` raise :class:`TypeError` naming them, so a misspelt one
+        is not silently ignored.
         """
         environ = os.environ if environ is None else environ
-        names = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(overrides) - set(names) - set(PASS_THROUGH_KEYWORDS))
-        if unknown:
-            raise _unknown_keyword(unknown[0], names)
+        _refuse_unknown(overrides)
         values: dict[str, Any] = {}
-        for name in names:
+        for name in _FIELDS:
             if overrides.get(name) is not None:
                 values[name] = _parse(name, overrides[name], f"keyword {name}")
                 continue
@@ -176,14 +175,45 @@ class Settings:
                 values[name] = _parse(name, raw, variable)
         return cls(**values)
 
+    @classmethod
+    def resolve(cls, settings: Settings | None = None, **overrides: Any) -> Settings:
+        """What ``instrument(**kwargs)`` runs with.
 
-def _unknown_keyword(name: str, fields: list[str]) -> SettingsError:
-    valid = [*fields, *PASS_THROUGH_KEYWORDS]
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return SettingsError(
-        f"keyword {name}", f"is not a setting{hint}; valid: {', '.join(valid)}", field=name
-    )
+        Without ``settings``: :meth:`from_env` (the environment, non-None keywords override
+        it). With ``settings``: those settings, the environment not read (a Settings is
+        complete: its defaults are values too, so nothing in it could tell the environment
+        where to apply), and non-None keywords override them as in :func:`dataclasses.replace`,
+        so ``instrument(settings=base, durability="async")`` is ``base`` in async mode.
+        Unknown keywords raise :class:`TypeError` naming them; a bad value
+        :class:`SettingsError`.
+        """
+        if settings is None:
+            return cls.from_env(**overrides)
+        if not isinstance(settings, Settings):
+            raise TypeError(f"keyword settings must be a Settings; got {_shown(settings)}")
+        _refuse_unknown(overrides, also=("settings",))
+        return dataclasses.replace(
+            settings,
+            **{name: overrides[name] for name in _FIELDS if overrides.get(name) is not None},
+        )
+
+
+_FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(Settings))
+
+
+def _refuse_unknown(keywords: Mapping[str, Any], also: tuple[str, ...] = ()) -> None:
+    """TypeError naming every keyword that is neither a field nor passed through, each with a
+    "did you mean" hint when one is close."""
+    valid = [*_FIELDS, *PASS_THROUGH_KEYWORDS, *also]
+    unknown = sorted(set(keywords) - set(valid))
+    if not unknown:
+        return
+    named = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=1)
+        named.append(f"{name} (did you mean {close[0]!r}?)" if close else name)
+    subject = "keyword {} is not a setting" if len(unknown) == 1 else "keywords {} are not settings"
+    raise TypeError(f"{subject.format(', '.join(named))}; valid: {', '.join(valid)}")
 
 
 # -- parsers: raw value (a string from the environment, or a kwarg) -> typed value ------------

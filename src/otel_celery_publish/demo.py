@@ -39,8 +39,8 @@ from opentelemetry.sdk.trace.export import (
 from sqlalchemy import create_engine, select
 
 from otel_celery_publish import CeleryPublishInstrumentor
-from otel_celery_publish.cli.timeline import Bar, render
 from otel_celery_publish.schema.table import audit_table
+from otel_celery_publish.timeline import Bar, render
 
 DEMO_DIR = Path(os.environ.get("OCP_DEMO_DIR") or tempfile.gettempdir()) / "otel-celery-demo"
 QUEUE, NOBODY = "demo", "nobody-consumes-this"

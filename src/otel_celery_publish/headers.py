@@ -1,4 +1,45 @@
-"""Pure functions over message headers: what we stamp at publish and read back on the worker."""
+"""Pure functions over message headers, and the wire format: what we stamp at publish and
+read back on the worker.
+
+Every name has the prefix ``otel_celery_publish_``. The publish hook (``before_task_publish``,
+``after_task_publish``) writes its headers at the top level of the message headers and in the nested
+``headers["headers"]`` (:func:`stamp`); readers look in both (:func:`lookup`), and check and bound
+every value they read (any broker client can send any header). The worker hooks are
+``task_received`` and every later signal of the task, in the worker's main process or the pool
+child. ``audit replay`` hands its two to ``apply_async(headers=...)``.
+
+================================= =============== ============= ===================================
+Header                            Written by      Read by       Meaning
+================================= =============== ============= ===================================
+otel_celery_publish_id            publish hook    publish hook  This attempt's id (32 hex digits):
+                                                  worker hooks  the audit row's primary key.
+otel_celery_publish_published_at  publish hook    worker hooks  Publish time, epoch seconds on the
+                                                                publisher's clock: in every
+                                                                update's key; the queue wait's
+                                                                start.
+otel_celery_publish_eta           publish hook    task_prerun   The eta, epoch seconds: a delayed
+                                  (eta only)                    task's queue wait starts there.
+otel_celery_publish_replay_of     audit replay    publish hook  The original attempt's publish_id:
+                                                                the new row's replay_of.
+otel_celery_publish_replay_link   audit replay    publish hook  {trace_id}-{span_id} (hex) of the
+                                                                original producer span, linked
+                                                                from the new one.
+otel_celery_publish_received_at   task_received   task_prerun   When the worker took the message,
+                                  (main process)  (pool child)  epoch seconds: splits broker and
+                                                                worker wait. Not a message header
+                                                                (see below).
+================================= =============== ============= ===================================
+
+``otel_celery_publish_received_at`` is not a message header: the worker's main process adds it
+to the request dict it hands to the pool child, the only channel from ``task_received`` (main)
+to ``task_prerun`` (child). The propagator's fields (``traceparent``, ``tracestate``,
+``baggage``...) are stamped with ours and read by the worker through :func:`carrier`.
+
+We are pre-release: earlier builds named three of these ``otel_celery_published_at``,
+``otel_celery_eta`` and ``otel_celery_received_at``. The old names are not read: a message
+stamped with them is handled like one from an uninstrumented publisher (its process span still
+joins the trace; no lifecycle updates, no queue-wait spans).
+"""
 
 from __future__ import annotations
 
@@ -8,15 +49,11 @@ from typing import Any
 from opentelemetry import propagate, trace
 
 PUBLISH_ID = "otel_celery_publish_id"
-PUBLISHED_AT = "otel_celery_published_at"
-ETA = "otel_celery_eta"
-# Set by ``audit replay`` on the re-sent message: the original attempt's publish_id, and its
-# ``{trace_id}-{span_id}`` (hex) so the new producer span links to the original trace.
+PUBLISHED_AT = "otel_celery_publish_published_at"
+ETA = "otel_celery_publish_eta"
 REPLAY_OF = "otel_celery_publish_replay_of"
 REPLAY_LINK = "otel_celery_publish_replay_link"
-# Not a message header: the worker's main process adds it to the request dict it hands to the
-# pool child, which is the only channel from task_received (main) to task_prerun (child).
-RECEIVED_AT = "otel_celery_received_at"
+RECEIVED_AT = "otel_celery_publish_received_at"
 
 
 def stamp(headers: MutableMapping[str, Any], ours: Mapping[str, Any]) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Collection
 from typing import Any
@@ -28,7 +30,35 @@ logger = logging.getLogger("otel_celery_publish")
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.30.0"
 FLUSH_TIMEOUT_S = 5.0
 _said_official = False
-_fork_hook_registered = False
+_process_hooks_registered = False
+
+
+def _register_process_hooks() -> None:
+    """Once per process, however often we are instrumented and uninstrumented."""
+    global _process_hooks_registered  # noqa: PLW0603 - one registration per process
+    if not _process_hooks_registered:
+        _process_hooks_registered = True
+        os.register_at_fork(after_in_child=_reinit_metric_export_locks)
+        _preload_lazy_imports()
+
+
+# Imported lazily by the OTLP/HTTP exporters' threads: ``requests`` imports ``netrc`` on its
+# first request (requests.utils.get_netrc_auth).
+LAZY_EXPORTER_IMPORTS = ("netrc",)
+
+
+def _preload_lazy_imports() -> None:
+    """Import now, on the instrumenting thread, what exporter threads import on first use.
+
+    A fork while another thread is inside an import hands the child that module's import lock,
+    held by a thread the child does not have: the child's first import of it blocks forever. A
+    prefork worker's main process exports its first metrics while its pool forks; a child that
+    inherited the lock mid-``import netrc`` never exports a span (seen in 3 runs of 6 of the
+    prefork RabbitMQ trace test). Instrumenting happens before any fork, so the import is done
+    by then; our own threads follow the same rule (:func:`.sink.database.preload_driver`).
+    """
+    for name in LAZY_EXPORTER_IMPORTS:
+        importlib.import_module(name)
 
 
 def _reinit_metric_export_locks() -> None:
@@ -36,13 +66,32 @@ def _reinit_metric_export_locks() -> None:
 
     A reader forked while its thread was exporting hands the child a lock that nobody will ever
     release: the child's metrics never export and its shutdown flush hangs
-    (opentelemetry-python#3307). Prefork pool children hit it in a few percent of forks.
+    (opentelemetry-python#3307, open). Prefork pool children hit it in a few percent of forks.
+    The SDK's own at-fork handling restarts the reader's thread and renews the provider's locks,
+    not the reader's ``_export_lock`` (checked in 1.45.2 and on its main branch, August 2026).
+    Both are private (the provider class's registry of readers, each reader's lock), so this is
+    the one place that touches them; it goes when the SDK renews the lock itself. Nothing is
+    imported here (an import in a fork child can hang on a lock the parent held): without the
+    SDK's metrics loaded there are no readers.
     """
-    from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415 - SDK is optional here
-
-    for reader in list(getattr(MeterProvider, "_all_metric_readers", ())):
+    sdk_metrics = sys.modules.get("opentelemetry.sdk.metrics")
+    provider_class = getattr(sdk_metrics, "MeterProvider", None)
+    for reader in list(getattr(provider_class, "_all_metric_readers", ())):
         if hasattr(reader, "_export_lock"):
             reader._export_lock = threading.Lock()
+
+
+def _set_official_instrumented(official: Any, on: bool) -> None:
+    """Set opentelemetry-instrumentation-celery's instrumented flag (a private attribute).
+
+    There is no public way to keep another instrumentor off:
+    ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` only steers ``opentelemetry-instrument``'s loader
+    (and a user's own ``instrument()`` call ignores it), ``is_instrumented_by_opentelemetry`` is
+    read-only. With the flag set, its ``instrument()`` is a no-op (BaseInstrumentor checks it
+    first); :meth:`CeleryPublishInstrumentor._uninstrument` clears it again. This is the only
+    place that writes it.
+    """
+    official._is_instrumented_by_opentelemetry = on
 
 
 def supersede_official() -> Any:
@@ -63,7 +112,7 @@ def supersede_official() -> Any:
     was_active = official.is_instrumented_by_opentelemetry
     if was_active:
         official.uninstrument()
-    official._is_instrumented_by_opentelemetry = True
+    _set_official_instrumented(official, True)
     global _said_official  # noqa: PLW0603 - once per process, however often we are toggled
     disabled = os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "")
     if not _said_official and (
@@ -82,16 +131,25 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Producer span + durable audit row per publish; consumer and queue-wait spans per task.
 
     ``instrument()`` without arguments reads ``OTEL_CELERY_PUBLISH_*`` like
-    ``opentelemetry-instrument`` does; keyword arguments override the environment:
-    ``tracer_provider``, ``meter_provider``, ``audit_url``, ``durability``, ``use_links``,
-    ``redact_keys`` and every other field of :class:`~otel_celery_publish.config.Settings`.
+    ``opentelemetry-instrument`` does. Keywords:
+
+    - ``tracer_provider``, ``meter_provider``: as for every instrumentor;
+    - ``audit_url``, ``durability``, ``use_links``, ``redact_keys`` and every other field of
+      :class:`~otel_celery_publish.config.Settings`: override the environment (None is no
+      keyword);
+    - ``settings=Settings(...)``: use these settings instead of the environment (which is then
+      not read); field keywords given with it override it, so
+      ``instrument(settings=base, durability="async")`` is ``base`` in async mode.
+
+    A keyword that is none of these raises :class:`TypeError` naming it; a bad value raises
+    :class:`~otel_celery_publish.config.SettingsError`. Either way nothing is connected.
     """
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
 
     def _instrument(self, **kwargs: Any) -> None:
-        settings = Settings.from_env(**kwargs)
+        settings = Settings.resolve(**kwargs)
         # What our Sentry events and log lines must never show, wherever it turns up.
         _guard.configure(redact_keys=settings.redact_keys, urls=[settings.audit_url])
         self._tracer_provider = kwargs.get("tracer_provider")
@@ -102,10 +160,7 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         meter = metrics.get_meter(
             "otel_celery_publish", __version__, self._meter_provider, schema_url=SCHEMA_URL
         )
-        global _fork_hook_registered  # noqa: PLW0603 - one hook per process
-        if not _fork_hook_registered:
-            _fork_hook_registered = True
-            os.register_at_fork(after_in_child=_reinit_metric_export_locks)
+        _register_process_hooks()
         self.writer = AuditWriter(settings, meter)
         self.writer.start()
         self.heartbeat = Heartbeat(settings)
@@ -139,7 +194,7 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self.heartbeat.stop(FLUSH_TIMEOUT_S)
         self.writer.close(FLUSH_TIMEOUT_S)
         if self._official is not None:
-            self._official._is_instrumented_by_opentelemetry = False
+            _set_official_instrumented(self._official, False)
 
     def _on_worker_start(self, sender: Any = None, **_: Any) -> None:
         """The worker's main process, before its pool forks (``worker_init``), or once it is

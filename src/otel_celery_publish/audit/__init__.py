@@ -12,14 +12,17 @@ unknown task id (:class:`UnknownTask`). Times are aware UTC datetimes::
     check_results(app, tasks) -> list[LostTask]
                                       drop those the result backend saw finish
     replay(app, task_ids, *, publish_ids, policy=Policy(...), dry_run, rate, settings)
-        -> ReplayReport               re-publish through the app, on the record
+        -> ReplayReport               re-publish through the app, on the record (through
+                                      the process's instrumentation, else one set up for
+                                      the sends and undone after)
     plan_replay(app, task_ids, *, publish_ids, policy, settings, now) -> list[Planned]
     send_replay(app, planned, *, settings, rate, on_done) -> ReplayReport
                                       the two steps of replay(), to confirm in between
     stats(*, settings, since=1h, until, task, queue, slowest=10, now) -> Stats
                                       latency percentiles computed in the database
     show(task_id, *, settings) -> TaskHistory
-                                      every attempt and replay of one task
+                                      every attempt and replay of one task; each
+                                      ``Attempt.waits`` has its edges and waits
     prune(*, older_than, settings, batch_size=5000, now) -> PruneResult
                                       retention, in short batches
     migrate_schema(*, settings) -> Migration
@@ -30,8 +33,30 @@ unknown task id (:class:`UnknownTask`). Times are aware UTC datetimes::
 
 Schema upgrades for code that already holds an engine (the writer):
 :func:`otel_celery_publish.schema.migrate.upgrade`.
+
+Where it lives: ``_db`` (the errors, the clock, the table access every operation opens),
+``_lost``, ``_show``, ``_stats``, ``_replay`` (with ``_claims``, its bookkeeping in the table,
+and ``_publishing``, the one place the read side loads the instrumentation: only while a replay
+sends) and ``_maintenance`` (prune, migrate, drain, quarantine). The waits' edges are defined
+once, in :mod:`otel_celery_publish.timing`; this package imports ``schema`` and the sink's
+database, spool and quarantine modules, never the hooks or the writer's thread.
 """
 
+from otel_celery_publish.audit._db import (
+    AuditError,
+    DatabaseUnavailable,
+    SchemaNotMigrated,
+    UnknownTask,
+)
+from otel_celery_publish.audit._lost import LostTask, check_results, lost
+from otel_celery_publish.audit._maintenance import (
+    Migration,
+    PruneResult,
+    drain,
+    migrate_schema,
+    prune,
+    quarantined,
+)
 from otel_celery_publish.audit._replay import (
     Planned,
     Policy,
@@ -41,25 +66,8 @@ from otel_celery_publish.audit._replay import (
     replay,
     send_replay,
 )
+from otel_celery_publish.audit._show import Attempt, TaskHistory, show
 from otel_celery_publish.audit._stats import Distribution, GroupStats, SlowTask, Stats, stats
-from otel_celery_publish.audit._store import (
-    Attempt,
-    AuditError,
-    DatabaseUnavailable,
-    LostTask,
-    Migration,
-    PruneResult,
-    SchemaNotMigrated,
-    TaskHistory,
-    UnknownTask,
-    check_results,
-    drain,
-    lost,
-    migrate_schema,
-    prune,
-    quarantined,
-    show,
-)
 from otel_celery_publish.sink.quarantine import QuarantinedRecord
 
 __all__ = [

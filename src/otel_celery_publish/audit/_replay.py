@@ -6,21 +6,22 @@ Two steps, so a caller (the CLI) can show the plan and ask before anything is se
 
 A replay is an ordinary publish through the app (same task name, args, kwargs, embedded
 callbacks/chain/chord and options; a new task id unless kept), made while this process is
-instrumented, so it gets its own producer span and audit row. Its message carries
+instrumented (:mod:`._publishing`: the process's own instrumentation, or one set up for the
+sends and undone after), so it gets its own producer span and audit row. Its message carries
 :data:`~otel_celery_publish.headers.REPLAY_OF` (the original ``publish_id``: the new row's
 ``replay_of``) and :data:`~otel_celery_publish.headers.REPLAY_LINK` (the original producer span:
 the new span links to it). The original row is claimed (``replayed_at``, ``replayed_as``)
-before the send and released if the send fails, so concurrent replays send a task once.
+before the send and released if the send fails, so concurrent replays send a task once
+(:mod:`._claims`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -29,7 +30,9 @@ from opentelemetry import propagate
 from sqlalchemy import Row
 
 from otel_celery_publish import headers as hdr
-from otel_celery_publish.audit import _store as store
+from otel_celery_publish.audit import _claims, _db
+from otel_celery_publish.audit._db import TableAccess, first_line, open_db, utc
+from otel_celery_publish.audit._publishing import publishing
 from otel_celery_publish.config import Settings
 from otel_celery_publish.rows import split_body
 
@@ -43,7 +46,6 @@ _OPTIONS = (
 # Trace context of the *original* publish: a replay starts its own trace and links back.
 _STALE_HEADERS = frozenset({"sentry-trace", "baggage"})
 _NOT_OPTIONS = frozenset({"name", "args", "kwargs", "task_id"})
-FLUSH_TIMEOUT_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,16 +126,16 @@ def plan_replay(
     ``lost`` reports). Raises :class:`~otel_celery_publish.audit.UnknownTask` when a task id
     has no row.
     """
-    now = now or store.now_utc()
+    now = now or _db.now_utc()
     task_ids = list(dict.fromkeys(task_ids))
-    with store.open_db(settings) as db:
-        latest = store.latest_attempts(db, task_ids) if task_ids else {}
+    with open_db(settings) as db:
+        latest = _claims.latest_attempts(db, task_ids) if task_ids else {}
         missing = [task_id for task_id in task_ids if task_id not in latest]
         if missing:
-            raise store.UnknownTask(f"no audit row for task id(s) {', '.join(missing)}")
-        by_publish = store.rows_by_publish_id(db, publish_ids) if publish_ids else {}
+            raise _db.UnknownTask(f"no audit row for task id(s) {', '.join(missing)}")
+        by_publish = _claims.rows_by_publish_id(db, publish_ids) if publish_ids else {}
         rows = [latest[t] for t in task_ids] + [by_publish[p] for p in publish_ids]
-        replayed = store.replayed_by_row(db, [row.publish_id for row in rows])
+        replayed = _claims.replayed_by_row(db, [row.publish_id for row in rows])
     accept = serialization.prepare_accept_content(  # type: ignore[no-untyped-call]
         app.conf.accept_content
     )
@@ -162,7 +164,7 @@ def send_replay(
     results: list[ReplayResult] = []
     pace = _Pacer(rate)
     sending = any(item.refused is None for item in planned)
-    with store.open_db(settings) as db, instrumented(settings) if sending else nullcontext():
+    with open_db(settings) as db, publishing(settings) if sending else nullcontext():
         for item in planned:
             result = _send_one(app, db, item, pace)
             results.append(result)
@@ -194,39 +196,6 @@ def dry_run_report(planned: Sequence[Planned]) -> ReplayReport:
     )
 
 
-@contextlib.contextmanager
-def instrumented(settings: Settings) -> Iterator[None]:
-    """Make sure re-sends get a producer span and a durable audit row in *this* database.
-
-    Uses the process's instrumentation when it is on (``opentelemetry-instrument celery ...``,
-    or the app instruments itself); otherwise instruments for the duration, ``sync``.
-    """
-    # Imported here: the instrumentor imports the writer, which imports this package.
-    from otel_celery_publish.instrumentor import CeleryPublishInstrumentor  # noqa: PLC0415
-
-    instrumentor = CeleryPublishInstrumentor()
-    if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument(
-            audit_url=settings.audit_url, table_name=settings.table_name, durability="sync"
-        )
-        try:
-            yield
-        finally:
-            instrumentor.uninstrument()
-        return
-    active = instrumentor.writer.settings
-    if (active.audit_url, active.table_name) != (settings.audit_url, settings.table_name):
-        raise store.AuditError(
-            "this process is already instrumented with another audit table "
-            f"({active.table_name!r} at {store.safe_url(active.audit_url)}): replays would be "
-            "recorded there, not next to their originals"
-        )
-    try:
-        yield
-    finally:
-        instrumentor.writer.flush(FLUSH_TIMEOUT_S)
-
-
 def _plan_one(
     row: Row[Any],
     policy: Policy,
@@ -255,7 +224,7 @@ def _plan_one(
                 row.payload, row.content_type, row.content_encoding, accept=accept
             )
         except Exception as exc:  # kombu raises ContentDisallowed, DecodeError, or the codec's
-            refused = f"stored payload cannot be decoded: {store.first_line(exc)}"
+            refused = f"stored payload cannot be decoded: {first_line(exc)}"
         else:
             message = _message(row, body, new_task_id, policy.queue, now)
             return dataclasses.replace(planned, message=message)
@@ -267,7 +236,7 @@ def _refusal(
 ) -> str | None:
     """Why this attempt must not be re-sent under ``policy``, or None. Safety refusals have
     their own flag; ``force`` overrides only the ones about the task's state."""
-    expires = store.utc(row.expires)
+    expires = utc(row.expires)
     safety = [
         (
             row.payload is None,
@@ -335,7 +304,7 @@ def _message(
             message[option] = embed[key]
     if embed.get("chord"):
         message["chord"] = embed["chord"]
-    published, eta, expires = (store.utc(v) for v in (row.published_at, row.eta, row.expires))
+    published, eta, expires = (utc(v) for v in (row.published_at, row.eta, row.expires))
     if eta is not None and eta > now:
         message["eta"] = eta
     if expires is not None and published is not None and expires > published:
@@ -367,18 +336,18 @@ class _Pacer:
         self._next = time.monotonic() + self._interval
 
 
-def _send_one(app: Any, db: store.Db, item: Planned, pace: _Pacer) -> ReplayResult:
+def _send_one(app: Any, db: TableAccess, item: Planned, pace: _Pacer) -> ReplayResult:
     if item.refused is not None:
         return _result(item, "refused")
     pace.wait()  # before the claim: an interrupted wait leaves nothing claimed
-    if not store.claim_replay(db, item.publish_id, item.new_task_id, force=item.force):
+    if not _claims.claim_replay(db, item.publish_id, item.new_task_id, force=item.force):
         return _result(item, "refused", "it was replayed by someone else just now")
     try:
         pace.sending()
         app.send_task(**item.message)
     except Exception as exc:  # broker down, routing, encoding: reported, the rest go on
-        store.release_replay(db, item.original, item.new_task_id)
-        return _result(item, "failed", f"{type(exc).__name__}: {store.first_line(exc)}")
+        _claims.release_replay(db, item.original, item.new_task_id)
+        return _result(item, "failed", f"{type(exc).__name__}: {first_line(exc)}")
     return _result(item, "sent")
 
 

@@ -1,18 +1,19 @@
 """Latency statistics over a time window, computed in the database (rows never reach Python).
 
-Per publish attempt (row), in seconds:
+Per publish attempt (row), in seconds, over the lifecycle edges of
+:mod:`otel_celery_publish.timing` (the queue-wait spans' edges; ``ready = max(published_at, eta)``,
+``received = max(received_at, ready)``, each no later than ``started_at``):
 
-* ``broker_wait`` = ``received_at - ready``, where ``ready = max(sent_at or published_at, eta)``;
-* ``worker_wait`` = ``started_at - max(received_at, ready)``: prefetched, waiting for a pool
-  process; an ETA task held by the worker until its ETA does not count as waiting;
+* ``broker_wait`` = ``received - ready``;
+* ``worker_wait`` = ``started_at - received``: prefetched, waiting for a pool process; an ETA
+  task held by the worker until its ETA does not count as waiting;
 * ``run_time`` = ``runtime_s`` (measured on the worker), else ``finished_at - started_at``;
-* ``end_to_end`` = ``finished_at - published_at``.
+* ``end_to_end`` = ``finished_at - ready``.
 
-These are the queue-wait spans' edges (:func:`otel_celery_publish.timing.queue_waits`). Edges
-come from different machines' clocks, so a negative difference (clock skew) counts as 0. A
-metric whose edges are missing (not received yet, never started...) leaves the row out of that
-metric only. Percentiles are continuous (linear interpolation between the two nearest ranks):
-``percentile_cont`` on PostgreSQL, the same formula with window functions on SQLite.
+Edges come from different machines' clocks: the clamps make a negative difference (clock skew)
+count as 0. A metric whose edges are missing (not received yet, never started...) leaves the row
+out of that metric only. Percentiles are continuous (linear interpolation between the two nearest
+ranks): ``percentile_cont`` on PostgreSQL, the same formula with window functions on SQLite.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from sqlalchemy import (
     case,
     cast,
     func,
-    literal,
     select,
 )
 
-from otel_celery_publish.audit import _store
-from otel_celery_publish.audit._store import Db, filters, open_db, utc
+from otel_celery_publish import timing
+from otel_celery_publish.audit import _db
+from otel_celery_publish.audit._db import TableAccess, filters, open_db, utc
 from otel_celery_publish.config import Settings
 
 METRICS = ("broker_wait", "worker_wait", "run_time", "end_to_end")
@@ -105,7 +106,7 @@ def stats(
 ) -> Stats:
     """Latency percentiles per task name and queue, outcome counts and the ``slowest`` runs
     for attempts published in the window (``since`` may be a datetime or a time before now)."""
-    now = now or _store.now_utc()
+    now = now or _db.now_utc()
     start = now - since if isinstance(since, dt.timedelta) else since
     end = until or now
     with open_db(settings) as db:
@@ -163,7 +164,7 @@ def _distributions(row: Any) -> dict[str, Distribution | None]:
 
 
 def queries(
-    db: Db,
+    db: TableAccess,
     start: dt.datetime,
     end: dt.datetime,
     *,
@@ -188,7 +189,7 @@ def queries(
     }
 
 
-def epoch(db: Db, column: Any) -> ColumnElement[float]:
+def epoch(db: TableAccess, column: Any) -> ColumnElement[float]:
     """A timestamp column as epoch seconds (float), exact to the microsecond."""
     if db.dialect == "postgresql":
         # date_part is double precision; EXTRACT is numeric (slower) since PostgreSQL 14.
@@ -198,17 +199,14 @@ def epoch(db: Db, column: Any) -> ColumnElement[float]:
     return cast(func.strftime("%s", column), Float) + cast(func.substr(column, 20), Float)
 
 
-def _clamp(value: ColumnElement[float]) -> ColumnElement[float]:
-    """Negative (clock skew) -> 0; NULL stays NULL."""
-    return case((value < 0, literal(0.0)), else_=value)
-
-
-def samples(db: Db, window: Sequence[ColumnElement[bool]], *, materialized: bool) -> CTE:
+def samples(db: TableAccess, window: Sequence[ColumnElement[bool]], *, materialized: bool) -> CTE:
     """One row per attempt in the window with its four metrics (NULL where unknown).
 
-    ``materialized``: convert each timestamp once per row, for queries that use every metric.
-    Inlined, each use repeats the conversions (a clamp repeats its argument, and the metrics
-    nest): several times the cost of the whole query on PostgreSQL.
+    The metrics are :class:`~otel_celery_publish.timing.SqlEdges`' over the epoch seconds of
+    the row's times. ``materialized``: convert each timestamp once per row, for queries that use
+    every metric. Inlined, each use repeats the conversions (a clamp repeats its argument, and
+    the edges nest: ``ready`` is inside ``received``, both inside the waits): several times the
+    cost of the whole query on PostgreSQL.
     """
     c = db.table.c
     edges = (
@@ -221,7 +219,6 @@ def samples(db: Db, window: Sequence[ColumnElement[bool]], *, materialized: bool
             c.outcome,
             c.runtime_s,
             epoch(db, c.published_at).label("published"),
-            epoch(db, func.coalesce(c.sent_at, c.published_at)).label("sent"),
             epoch(db, c.eta).label("eta"),
             epoch(db, c.received_at).label("received"),
             epoch(db, c.started_at).label("started"),
@@ -233,9 +230,7 @@ def samples(db: Db, window: Sequence[ColumnElement[bool]], *, materialized: bool
     if materialized and db.dialect == "postgresql":
         edges = edges.prefix_with("MATERIALIZED")
     e = edges.c
-    ready = e.sent + func.coalesce(_clamp(e.eta - e.sent), 0.0)
-    # max(received, ready) without greatest(), which ignores NULLs on PostgreSQL only.
-    picked_up = e.received + _clamp(ready - e.received)
+    waits = timing.edges_sql(e.published, e.eta, e.received, e.started, e.finished)
     return select(
         e.publish_id,
         e.task_id,
@@ -243,14 +238,14 @@ def samples(db: Db, window: Sequence[ColumnElement[bool]], *, materialized: bool
         e.queue,
         e.published_at,
         e.outcome,
-        _clamp(e.received - ready).label("broker_wait"),
-        _clamp(e.started - picked_up).label("worker_wait"),
-        func.coalesce(e.runtime_s, _clamp(e.finished - e.started)).label("run_time"),
-        _clamp(e.finished - e.published).label("end_to_end"),
+        waits.broker_wait.label("broker_wait"),
+        waits.worker_wait.label("worker_wait"),
+        func.coalesce(e.runtime_s, timing.not_negative(e.finished - e.started)).label("run_time"),
+        waits.end_to_end.label("end_to_end"),
     ).cte("base")
 
 
-def _percentile_query(db: Db, base: CTE) -> Select[Any]:
+def _percentile_query(db: TableAccess, base: CTE) -> Select[Any]:
     """One row per task name and queue: ``{metric}_n``, ``_p50``, ``_p95``, ``_p99``, ``_max``.
 
     PostgreSQL: ``percentile_cont`` (an ordered-set aggregate, NULLs ignored). SQLite: each

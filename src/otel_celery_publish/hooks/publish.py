@@ -1,8 +1,13 @@
 """Publish side: ``before_task_publish`` opens the PRODUCER span and writes the audit row;
-``after_task_publish`` ends the span and marks the row sent."""
+``after_task_publish`` ends the span and marks the row sent.
+
+Between the two, the open span waits in a bounded map keyed by our publish id; a publish whose
+``after_task_publish`` never comes (it raised) has its span ended as an error by a sweep.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import random
 import socket
@@ -13,11 +18,11 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_celery_publish import headers as hdr
+from otel_celery_publish import rows
 from otel_celery_publish._guard import guard
 from otel_celery_publish.config import Settings
 from otel_celery_publish.hooks import _celery
 from otel_celery_publish.hooks.pending import BoundedStore
-from otel_celery_publish.rows import epoch_to_dt, iso_to_dt, publish_row
 from otel_celery_publish.sink.writer import AuditWriter
 
 # A publish whose after_task_publish has not come within this long raised (broker down, bad
@@ -29,9 +34,7 @@ MAX_OPEN_PUBLISHES = 10_000
 class _Open(NamedTuple):
     span: trace.Span
     started: float
-    task_id: str
-    task_name: str
-    published_at: float
+    key: rows.RowKey
 
 
 def _end_abandoned(_publish_id: str, state: _Open) -> None:
@@ -40,13 +43,22 @@ def _end_abandoned(_publish_id: str, state: _Open) -> None:
     state.span.end()
 
 
+def _end_failed(span: trace.Span, exc: BaseException) -> None:
+    """End a span our own code failed to hand over: it must not stay open forever while the
+    message may already carry its traceparent. The exception's text stays out of the span
+    (the guard reports it, scrubbed); its type names the failure."""
+    span.set_status(Status(StatusCode.ERROR, "otel-celery-publish failed (the publish continues)"))
+    span.set_attribute("error.type", type(exc).__qualname__)
+    span.end()
+
+
 class PublishHooks:
     """Receivers for the publish signals. Thin: guard, gather, hand off."""
 
     def __init__(self, tracer: trace.Tracer, writer: AuditWriter, settings: Settings) -> None:
         self._tracer = tracer
         self._writer = writer
-        self._settings = settings
+        self._policy = rows.RowPolicy.from_settings(settings)
         self._open: BoundedStore[_Open] = BoundedStore(MAX_OPEN_PUBLISHES, _end_abandoned)
         self._host = socket.gethostname()
 
@@ -76,77 +88,67 @@ class PublishHooks:
         msg_headers: dict[str, Any],
         properties: dict[str, Any],
     ) -> None:
-        cutoff = time.monotonic() - ABANDONED_AFTER_S
-        for key, stale in self._open.pop_older(lambda s: s.started < cutoff):
-            _end_abandoned(key, stale)
+        self._sweep_abandoned()
         now = time.time()
         # Protocol 1 carries the id in the body (and has no headers for the worker to read).
         task_id = str(msg_headers.get("id") or (body.get("id") if isinstance(body, dict) else ""))
         app, per_call_serializer = _celery.sending_call()
-        eta = iso_to_dt(msg_headers.get("eta"))
-        root_id = msg_headers.get("root_id")
-        attributes: dict[str, Any] = {
-            "messaging.system": _celery.app_system(app),
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "send",
-            "messaging.destination.name": routing_key or "",
-            "messaging.message.id": task_id,
-            "celery.task.name": name,
-            "celery.task.retries": msg_headers.get("retries") or 0,
-        }
-        if root_id and root_id != task_id:
-            attributes["messaging.message.conversation_id"] = root_id
-        if eta is not None:
-            attributes["celery.task.eta"] = eta.isoformat()
-            attributes["celery.task.countdown_s"] = max(0.0, eta.timestamp() - now)
+        eta = rows.iso_to_dt(msg_headers.get("eta"))
         # Random, not uuid4(): os.urandom is a syscall on every publish; this is unique enough
         # for a primary key (128 bits from a generator seeded from urandom, reseeded at fork).
         publish_id = f"{random.getrandbits(128):032x}"
-        attributes["celery.audit.publish_id"] = publish_id
         replay_of = hdr.as_publish_id(hdr.lookup(msg_headers, hdr.REPLAY_OF))
+        attributes = _span_attributes(app, name, task_id, routing_key, msg_headers, eta, now)
+        attributes["celery.audit.publish_id"] = publish_id
         if replay_of:
-            attributes["celery.audit.replay_of"] = str(replay_of)
+            attributes["celery.audit.replay_of"] = replay_of
         span = self._tracer.start_span(
             f"send {name}",
             kind=SpanKind.PRODUCER,
             attributes=attributes,
             links=hdr.replay_links(msg_headers),
         )
-        ctx = span.get_span_context()
-
-        ours: dict[str, Any] = {hdr.PUBLISH_ID: publish_id, hdr.PUBLISHED_AT: now}
-        if eta is not None:
-            ours[hdr.ETA] = eta.timestamp()
-        propagate.inject(ours, context=trace.set_span_in_context(span))
-        hdr.stamp(msg_headers, ours)
-
-        row = publish_row(
-            publish_id=publish_id,
-            task_id=task_id,
-            task_name=name,
-            body=body,
-            headers=msg_headers,
-            properties=properties,
-            exchange=exchange,
-            routing_key=routing_key,
-            published_at=now,
-            serializer=_celery.task_serializer(app, name, per_call_serializer),
-            arg_names=_celery.arg_names(app, name) if self._settings.redact_keys else (),
-            redact_keys=self._settings.redact_keys,
-            redact_payload=self._settings.redact_payload,
-            repr_maxsize=self._settings.repr_maxsize,
-            max_payload_bytes=self._settings.max_payload_bytes,
-            exclude_headers=(*ours, hdr.REPLAY_OF, hdr.REPLAY_LINK),
-            host=self._host,
-            pid=os.getpid(),
-            trace_id=trace.format_trace_id(ctx.trace_id) if ctx.is_valid else None,
-            span_id=trace.format_span_id(ctx.span_id) if ctx.is_valid else None,
-            replay_of=str(replay_of) if replay_of else None,
+        try:
+            ours = _stamp(msg_headers, span, publish_id, now, eta)
+            ctx = span.get_span_context()
+            facts = rows.PublishFacts(
+                publish_id=publish_id,
+                task_id=task_id,
+                task_name=name,
+                body=body,
+                headers=msg_headers,
+                properties=properties,
+                exchange=exchange,
+                routing_key=routing_key,
+                published_at=now,
+                serializer=_celery.task_serializer(app, name, per_call_serializer),
+                arg_names=_celery.arg_names(app, name) if self._policy.redact_keys else (),
+                exclude_headers=(*ours, hdr.REPLAY_OF, hdr.REPLAY_LINK),
+                host=self._host,
+                pid=os.getpid(),
+                trace_id=trace.format_trace_id(ctx.trace_id) if ctx.is_valid else None,
+                span_id=trace.format_span_id(ctx.span_id) if ctx.is_valid else None,
+                replay_of=replay_of,
+            )
+            row = rows.publish_row(facts, self._policy)
+            if row["payload"] is not None and span.is_recording():
+                span.set_attribute("messaging.message.body.size", len(row["payload"]))
+        except BaseException as exc:
+            # Not handed over yet: nothing else would ever end this span (then the guard
+            # reports the error; the publish goes on).
+            _end_failed(span, exc)
+            raise
+        key = rows.RowKey(
+            publish_id=publish_id, task_id=task_id, task_name=name, published_at=row["published_at"]
         )
-        if row["payload"] is not None and span.is_recording():
-            span.set_attribute("messaging.message.body.size", len(row["payload"]))
-        self._open.put(publish_id, _Open(span, time.monotonic(), task_id, name, now))
+        # Handed over: from here after_task_publish, or the sweep, ends the span.
+        self._open.put(publish_id, _Open(span, time.monotonic(), key))
         self._writer.record_publish(row)
+
+    def _sweep_abandoned(self) -> None:
+        cutoff = time.monotonic() - ABANDONED_AFTER_S
+        for publish_id, stale in self._open.pop_older(lambda s: s.started < cutoff):
+            _end_abandoned(publish_id, stale)
 
     def after_publish(self, *, headers: dict[str, Any] | None = None, **_: Any) -> None:
         with guard("after_task_publish"):
@@ -155,15 +157,47 @@ class PublishHooks:
             if state is None:
                 return
             state.span.end()
-            self._writer.record_update(
-                {
-                    "publish_id": publish_id,
-                    "task_id": state.task_id,
-                    "task_name": state.task_name,
-                    "published_at": epoch_to_dt(state.published_at),
-                    "sent_at": epoch_to_dt(time.time()),
-                },
-                # Batched from memory in every mode: a crash may lose the last moment's sent_at
-                # (the row and the worker's received_at still tell), never the row itself.
-                best_effort=True,
-            )
+            # Batched from memory in every mode: a crash may lose the last moment's sent_at
+            # (the row and the worker's received_at still tell), never the row itself.
+            self._writer.record_update(rows.sent(state.key, time.time()), best_effort=True)
+
+
+def _stamp(
+    msg_headers: dict[str, Any], span: trace.Span, publish_id: str, now: float,
+    eta: dt.datetime | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Write our headers and the span's propagation fields into the message; return them."""
+    ours: dict[str, Any] = {hdr.PUBLISH_ID: publish_id, hdr.PUBLISHED_AT: now}
+    if eta is not None:
+        ours[hdr.ETA] = eta.timestamp()
+    propagate.inject(ours, context=trace.set_span_in_context(span))
+    hdr.stamp(msg_headers, ours)
+    return ours
+
+
+def _span_attributes(  # noqa: PLR0917 - one call site, the hook above
+    app: Any,
+    name: str,
+    task_id: str,
+    routing_key: str | None,
+    headers: dict[str, Any],
+    eta: dt.datetime | None,
+    now: float,
+) -> dict[str, Any]:
+    """The producer span's attributes from the message (never the task's arguments)."""
+    attributes: dict[str, Any] = {
+        "messaging.system": _celery.app_system(app),
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "send",
+        "messaging.destination.name": routing_key or "",
+        "messaging.message.id": task_id,
+        "celery.task.name": name,
+        "celery.task.retries": headers.get("retries") or 0,
+    }
+    root_id = headers.get("root_id")
+    if root_id and root_id != task_id:
+        attributes["messaging.message.conversation_id"] = root_id
+    if eta is not None:
+        attributes["celery.task.eta"] = eta.isoformat()
+        attributes["celery.task.countdown_s"] = max(0.0, eta.timestamp() - now)
+    return attributes

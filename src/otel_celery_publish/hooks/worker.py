@@ -5,10 +5,14 @@ Signals arrive in two processes under prefork: ``task_received``, ``task_revoked
 ``task_prerun``/``task_failure``/``task_retry``/``task_postrun`` in the pool child. State is keyed
 by task id in bounded stores, so nothing leaks when a closing signal never comes.
 
-Every received and started row names the worker instance (:mod:`.liveness`) holding it, so
-``lost`` can tell a running task from a dead worker's. An outcome whose work was not done is
-marked with ``lost_reason``: ``worker_lost`` (the pool child died running it, recorded by the
-main process) and ``discarded`` (unregistered task, rejected message).
+Every received and started row names the worker instance holding it (its heartbeat,
+:mod:`otel_celery_publish.sink.heartbeat`), so ``lost`` can tell a running task from a dead
+worker's. An outcome whose work was not done is marked with ``lost_reason``: ``worker_lost`` (the
+pool child died running it, recorded by the main process) and ``discarded`` (unregistered task,
+rejected message).
+
+The receivers live here. The pure functions that tell how a run ended are in
+:mod:`._outcomes`; the updates are built by :mod:`otel_celery_publish.rows`.
 """
 
 from __future__ import annotations
@@ -17,55 +21,39 @@ import dataclasses
 import time
 from typing import Any
 
-from billiard.einfo import ExceptionWithTraceback
-from billiard.exceptions import TimeLimitExceeded, WorkerLostError
+from billiard.exceptions import WorkerLostError
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from otel_celery_publish import headers as hdr
+from otel_celery_publish import rows
 from otel_celery_publish._guard import guard
 from otel_celery_publish.config import Settings
 from otel_celery_publish.hooks import _celery
+from otel_celery_publish.hooks._outcomes import (
+    message_source,
+    outcome_of,
+    requeued_after_timeout,
+    unwrap,
+)
 from otel_celery_publish.hooks.pending import BoundedStore
-from otel_celery_publish.rows import epoch_to_dt
+from otel_celery_publish.schema.table import RecordedLostReason
 from otel_celery_publish.sink.heartbeat import Heartbeat
-from otel_celery_publish.sink.writer import AuditWriter, Row
+from otel_celery_publish.sink.writer import AuditWriter
 from otel_celery_publish.timing import queue_waits
 
 MAX_TRACKED = 10_000
 # The semconv's advisory buckets for durations in seconds (the SDK's default ones are for ms).
 SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10]
-# Celery's postrun ``state`` -> the row's outcome.
-OUTCOMES = {
-    "SUCCESS": "succeeded",
-    "FAILURE": "failed",
-    "RETRY": "retried",
-    "REJECTED": "rejected",
-    "IGNORED": "ignored",
-}
-# ``lost_reason`` values the worker writes with an outcome whose work was not done.
-WORKER_LOST = "worker_lost"
-DISCARDED = "discarded"
-# A redelivered message starts a new run of the same attempt (same publish_id): what an
-# earlier delivery recorded as its end no longer holds (acks_on_timeout=False, Reject(requeue=
-# True), a visibility timeout). Sent with the start, from the process that records the end.
-REOPENED: Row = {
-    "finished_at": None,
-    "outcome": None,
-    "runtime_s": None,
-    "exception_type": None,
-    "exception_message": None,
-    "lost_reason": None,
-}
 
 
 def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-def identity(source: Any) -> Row | None:
-    """The columns every lifecycle upsert carries, read from a request, Context or headers.
+def row_key(source: Any) -> rows.RowKey | None:
+    """The key of the row a request, Context or headers belong to (every update carries it).
 
     None when the publisher did not stamp the message (it was not instrumented by us).
     """
@@ -77,37 +65,8 @@ def identity(source: Any) -> Row | None:
         "publish_id": publish_id,
         "task_id": hdr.as_text(hdr.lookup(source, "id")),
         "task_name": hdr.as_text(hdr.lookup(source, "task")),
-        "published_at": epoch_to_dt(published_at),
+        "published_at": rows.epoch_to_dt(published_at),
     }
-
-
-def message_source(message: Any) -> dict[str, Any]:
-    """What identifies a message the worker discarded: its headers, plus the protocol 1 body,
-    which is where that protocol keeps the task id and name."""
-    source = dict(message.headers or {})
-    payload = getattr(message, "payload", None)
-    if isinstance(payload, dict) and "id" in payload and "task" in payload:
-        source = {"id": payload["id"], "task": payload["task"], "headers": source, **source}
-    return source
-
-
-def _requeued_after_timeout(task: Any, exc: BaseException | None) -> bool:
-    """A hard time limit of an ``acks_late`` task with ``acks_on_timeout=False``: Celery
-    reports the failure, then requeues the message. The attempt is not over: its redelivery
-    records the end."""
-    return (
-        isinstance(exc, TimeLimitExceeded)
-        and bool(getattr(task, "acks_late", False))
-        and getattr(task, "acks_on_timeout", True) is False
-    )
-
-
-def unwrap(exception: Any, einfo: Any) -> BaseException | None:
-    """The task's real exception: billiard >= 4 wraps it in ExceptionWithTraceback."""
-    exc = exception if exception is not None else getattr(einfo, "exception", None)
-    if isinstance(exc, ExceptionWithTraceback):
-        exc = exc.exc
-    return exc if isinstance(exc, BaseException) else None
 
 
 @dataclasses.dataclass
@@ -117,7 +76,7 @@ class _Running:
     started: float
     name: str
     queue: str
-    row: Row | None
+    key: rows.RowKey | None
     exc: BaseException | None = None
     expected: bool = False
     retry_reason: str | None = None
@@ -144,8 +103,8 @@ class WorkerHooks:
         self._heartbeat = heartbeat
         self._use_links = settings.use_links
         self._running: BoundedStore[_Running] = BoundedStore(MAX_TRACKED, _abandon)
-        # Main process: identity of received tasks, for outcomes decided there (child killed).
-        self._received: BoundedStore[Row] = BoundedStore(MAX_TRACKED)
+        # Main process: row keys of received tasks, for outcomes decided there (child killed).
+        self._received: BoundedStore[rows.RowKey] = BoundedStore(MAX_TRACKED)
         self._queue_wait = meter.create_histogram(
             "celery.task.queue_wait.duration",
             unit="s",
@@ -167,18 +126,13 @@ class WorkerHooks:
             request_dict = request.request_dict
             # Rides along to the pool child, which builds task.request from this dict.
             request_dict[hdr.RECEIVED_AT] = now
-            row = identity(request_dict)
-            if row is None:
+            key = row_key(request_dict)
+            if key is None:
                 return
-            self._received.put(request.id, row)
+            self._received.put(request.id, key)
+            acks_late = bool(getattr(request.task, "acks_late", False))
             self._writer.record_update(
-                {
-                    **row,
-                    "received_at": epoch_to_dt(now),
-                    "worker": request.hostname,
-                    "worker_instance": self._instance(),
-                    "acks_late": bool(getattr(request.task, "acks_late", False)),
-                }
+                rows.received(key, now, request.hostname, self._instance(), acks_late=acks_late)
             )
 
     def _instance(self) -> str | None:
@@ -197,19 +151,19 @@ class WorkerHooks:
         with guard("task_rejected"):
             reason = repr(exc) if exc is not None else "unknown message"
             self._finish_elsewhere(
-                message_source(message), "rejected", type(exc).__name__, reason, DISCARDED
+                message_source(message), "rejected", type(exc).__name__, reason, "discarded"
             )
 
     def on_unknown(self, message: Any = None, name: str | None = None, **_: Any) -> None:
         with guard("task_unknown"):
             reason = f"task {name!r} is not registered in this worker"
             self._finish_elsewhere(
-                message_source(message), "rejected", "NotRegistered", reason, DISCARDED
+                message_source(message), "rejected", "NotRegistered", reason, "discarded"
             )
 
     def _finish_elsewhere(
         self, source: Any, outcome: str, exc_type: str, message: str,
-        lost_reason: str | None = None,
+        lost_reason: RecordedLostReason | None = None,
     ) -> None:  # fmt: skip
         """An outcome decided outside a running task: record it and show it as an error span."""
         self._received.pop(str(hdr.lookup(source, "id")))
@@ -231,24 +185,24 @@ class WorkerHooks:
         )
         span.set_status(Status(StatusCode.ERROR, message))
         span.end()
-        row = identity(source)
-        if row is not None:
-            self._finish(row, outcome, exc_type, message, lost_reason=lost_reason)
+        key = row_key(source)
+        if key is not None:
+            self._finish(key, outcome, exc_type, message, lost_reason=lost_reason)
 
     def _finish(
-        self, row: Row, outcome: str, exc_type: str | None, message: str | None,
-        runtime: float | None = None, *, lost_reason: str | None = None,
+        self, key: rows.RowKey, outcome: str, exc_type: str | None, message: str | None,
+        runtime: float | None = None, *, lost_reason: RecordedLostReason | None = None,
     ) -> None:  # fmt: skip
         self._writer.record_update(
-            {
-                **row,
-                "finished_at": epoch_to_dt(time.time()),
-                "outcome": outcome,
-                "runtime_s": runtime,
-                "exception_type": exc_type,
-                "exception_message": message,
-                "lost_reason": lost_reason,
-            }
+            rows.finished(
+                key,
+                time.time(),
+                outcome,
+                runtime_s=runtime,
+                exception_type=exc_type,
+                exception_message=message,
+                lost_reason=lost_reason,
+            )
         )
 
     # -- pool child (or the only process with solo/threads) -------------------------------
@@ -293,18 +247,13 @@ class WorkerHooks:
                 f"process {name}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
             )
         token = otel_context.attach(trace.set_span_in_context(span))
-        row = identity(req)
-        self._running.put(task_id, _Running(span, token, time.monotonic(), name, queue, row))
-        if row is not None:
-            started: Row = {
-                **row,
-                "started_at": epoch_to_dt(now),
-                "worker": req.hostname,
-                "worker_instance": self._instance(),
-            }
-            if (req.delivery_info or {}).get("redelivered"):
-                started |= REOPENED
-            self._writer.record_update(started)
+        key = row_key(req)
+        self._running.put(task_id, _Running(span, token, time.monotonic(), name, queue, key))
+        if key is not None:
+            redelivered = bool((req.delivery_info or {}).get("redelivered"))
+            self._writer.record_update(
+                rows.started(key, now, req.hostname, self._instance(), redelivered=redelivered)
+            )
 
     def _wait_spans(
         self, parent: otel_context.Context, req: Any, name: str, attributes: dict[str, Any], *,
@@ -352,11 +301,13 @@ class WorkerHooks:
             # No running span here: this is the main process after the child died (hard time
             # limit, worker lost). The child's span died with it; record the outcome. A lost
             # child's work was not done (Celery sends no failure when the message is requeued).
-            row = self._received.pop(str(task_id))
-            if row is None or _requeued_after_timeout(sender, exc):
+            key = self._received.pop(str(task_id))
+            if key is None or requeued_after_timeout(sender, exc):
                 return
-            lost = WORKER_LOST if isinstance(exc, WorkerLostError) else None
-            self._finish(row, "failed", type(exc).__name__, str(exc), lost_reason=lost)
+            lost: RecordedLostReason | None = (
+                "worker_lost" if isinstance(exc, WorkerLostError) else None
+            )
+            self._finish(key, "failed", type(exc).__name__, str(exc), lost_reason=lost)
 
     def on_retry(
         self, request: Any = None, reason: Any = None, einfo: Any = None, **_: Any
@@ -371,9 +322,9 @@ class WorkerHooks:
             # Celery 5.7): the re-send is the next attempt's row; this attempt ends retried.
             exc = unwrap(None, einfo)
             if isinstance(exc, WorkerLostError):
-                row = self._received.pop(task_id)
-                if row is not None:
-                    self._finish(row, "retried", type(exc).__name__, str(exc))
+                key = self._received.pop(task_id)
+                if key is not None:
+                    self._finish(key, "retried", type(exc).__name__, str(exc))
 
     def on_postrun(self, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
         with guard("task_postrun"):
@@ -395,7 +346,7 @@ class WorkerHooks:
             span.set_attribute("error.type", "celery.task.interrupted")
             span.end()
             return
-        outcome = OUTCOMES.get(state, state.lower())
+        outcome = outcome_of(state)
         metric_attrs = {"celery.task.name": run.name, "messaging.destination.name": run.queue}
         span.set_attribute("celery.task.outcome", outcome)
         if run.retry_reason is not None:
@@ -409,9 +360,9 @@ class WorkerHooks:
                 metric_attrs["error.type"] = type(exc).__qualname__
         span.end()
         self._process_duration.record(runtime, metric_attrs)
-        if run.row is not None:
+        if run.key is not None:
             self._finish(
-                run.row,
+                run.key,
                 outcome,
                 type(exc).__qualname__ if exc is not None else None,
                 str(exc) if exc is not None else None,

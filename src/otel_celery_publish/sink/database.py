@@ -1,20 +1,19 @@
-"""The audit database as the writer sees it: bounded connections, prepared upserts, COPY.
+"""The audit database as the writer sees it: the engine, prepared single-row upserts, COPY.
 
-Deadlines. A database that accepts connections but never answers (a hung server, a route
-black-holed after the handshake) is invisible to the kernel's timeouts: it acknowledges what we
-send. So every wait on the audit database has a client-side deadline (:class:`DeadlineExceeded`
-when it passes; the connection is then closed and dropped, its protocol state is unknown):
+:func:`make_engine` is the one engine factory (the read side uses it too, without deadlines);
+:class:`Database` is the writer's: a pooled engine for the shipping thread's batches, and one
+warm raw connection for ``sync`` publish rows, each a prepared upsert.
+
+How long each wait may take (the mechanism is :mod:`.deadline`):
 
 * a ``sync`` publish has one deadline, ``db_timeout`` from its start, covering the wait for the
   shared sync connection, the engine's setup (a cold process connects and migrates), connecting
-  and the statement; past it the row goes to the spool. PostgreSQL's waits go through
-  psycopg's ``Connection.wait``, which takes a timeout: a subclass passes the deadline's rest.
+  and the statement; past it the row goes to the spool.
 * the shipping thread's operations are bounded by ``SHIP_TIMEOUT_FACTOR * db_timeout`` each
   (connecting by ``db_timeout``): a batch moves up to a 512 KB spool chunk or ``max_pending``
   rows in one statement and may wait for row locks, so it gets more time than one row, but a
   hung connection is dropped and retried with backoff instead of holding the thread forever.
-* a dropped connection's server session may live on, holding the row locks of half a batch:
-  the next connection terminates it (see :func:`_bound_connections`).
+* a migration's statements get :data:`MIGRATE_TIMEOUT_S` each.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +37,18 @@ from sqlalchemy.sql.dml import Insert
 
 from otel_celery_publish.config import Settings
 from otel_celery_publish.schema.migrate import upgrade
+from otel_celery_publish.sink.deadline import (
+    DeadlineExceeded,
+    bound_connections,
+    bounded,
+    pg_connection_class,
+    thread_deadline,
+)
 from otel_celery_publish.sink.quarantine import is_refusal
+from otel_celery_publish.sink.records import Record
 
 logger = logging.getLogger("otel_celery_publish")
 
-Row = dict[str, Any]
 # Batches of at least this many rows go to PostgreSQL through COPY.
 COPY_MIN_ROWS = 100
 # One operation of the shipping thread may take this many times db_timeout (see the docstring).
@@ -50,149 +56,6 @@ SHIP_TIMEOUT_FACTOR = 10.0
 # Migrations may legitimately run long (an index on a big table): their statements get this.
 MIGRATE_TIMEOUT_S = 600.0
 _INHERITED: list[Any] = []
-
-
-class _Deadline(threading.local):
-    """Per thread: ``at``, the monotonic time its current database work must end by (None: no
-    deadline), and ``op``, a per-operation bound overriding the connection's own. Class-level
-    defaults: reading a missing attribute would raise and catch, ~0.5 us per wait."""
-
-    at: float | None = None
-    op: float | None = None
-
-
-_deadline = _Deadline()
-
-
-class DeadlineExceeded(Exception):
-    """The audit database did not answer (or the sync connection was not free) in time."""
-
-
-@contextlib.contextmanager
-def _bounded(at: float | None = None, op: float | None = None) -> Iterator[None]:
-    """Within the block, database waits of this thread end by ``at`` (the earlier of it and an
-    enclosing deadline) and each takes at most ``op`` seconds."""
-    saved = _deadline.at, _deadline.op
-    if at is not None and saved[0] is not None:
-        at = min(at, saved[0])
-    _deadline.at = saved[0] if at is None else at
-    _deadline.op = saved[1] if op is None else op
-    try:
-        yield
-    finally:
-        _deadline.at, _deadline.op = saved
-
-
-_PG_CONNECTION: Any = None
-
-
-def _pg_connection_class() -> Any:
-    """A psycopg ``Connection`` whose every wait ends by the thread's deadline (or its own
-    per-operation bound), built on first use: psycopg is an optional dependency."""
-    global _PG_CONNECTION  # noqa: PLW0603 - one class per process, created lazily
-    if _PG_CONNECTION is not None:
-        return _PG_CONNECTION
-    import psycopg  # noqa: PLC0415 - only with PostgreSQL (the optional extra)
-    from psycopg import errors  # noqa: PLC0415
-
-    wait_timeout = errors._WaitTimeout  # what psycopg's wait functions raise on their timeout
-    base_wait = psycopg.Connection.wait
-    monotonic = time.monotonic
-
-    class AuditDeadline(psycopg.OperationalError, DeadlineExceeded):
-        """Our deadline passed; an OperationalError so SQLAlchemy treats it as a disconnect."""
-
-    class BoundedConnection(psycopg.Connection[Any]):
-        op_timeout = 30.0
-        # The engine's list of backends we abandoned (see _bound_connections).
-        abandoned: list[int] | None = None
-
-        @classmethod
-        def _connect_gen(cls, conninfo: str = "") -> Any:
-            # libpq's connect_timeout is whole seconds, 2 at least; psycopg's wait_conn wakes
-            # us every 0.1 s whatever it waits for, so this checks our deadline as often.
-            gen = super()._connect_gen(conninfo)
-            at = _deadline.at
-            try:
-                item = next(gen)
-                while True:
-                    if at is not None and time.monotonic() >= at:
-                        gen.close()  # frees the half-open PGconn: its socket is closed
-                        raise AuditDeadline("audit database: no connection within the deadline")
-                    item = gen.send((yield item))
-            except StopIteration as stop:
-                return stop.value
-
-        def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
-            # On every round trip of the sync publish: kept to a few attribute reads.
-            limit = _deadline.op or self.op_timeout
-            at = _deadline.at
-            if at is not None:
-                left = at - monotonic()
-                if left < limit:
-                    limit = left if left > 0.0 else 0.0
-            if timeout is not None and timeout <= limit:
-                return base_wait(self, gen, interval, timeout)  # the caller's is stricter
-            try:
-                return base_wait(self, gen, interval, limit)
-            except wait_timeout:
-                # Mid-protocol: the connection cannot be reused. Closed, SQLAlchemy sees a
-                # disconnect and invalidates it (and the rest of its pool). Its server side
-                # may live on (see _bound_connections): remember it.
-                if self.abandoned is not None and self.pgconn.backend_pid:
-                    self.abandoned.append(self.pgconn.backend_pid)
-                self.close()
-                raise AuditDeadline(f"audit database did not answer within {limit:.2f}s") from None
-
-    _PG_CONNECTION = BoundedConnection
-    return BoundedConnection
-
-
-# Our sessions' name on the server, unless the URL gives one: what _terminate looks for.
-APPLICATION_NAME = "otel-celery-publish"
-_TERMINATE = (
-    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s) "
-    "AND application_name = current_setting('application_name') AND pid <> pg_backend_pid()"
-)
-
-
-def _bound_connections(engine: Engine, connect_timeout: float, op_timeout: float) -> None:
-    """Make ``engine`` connect through :func:`_pg_connection_class` with these bounds.
-
-    A connection we abandon at its deadline may have delivered half a batch: the server ran
-    some of its upserts and waits for the rest (and the final Sync) in an open transaction,
-    holding those rows' locks; on a black-holed route it notices only by TCP keepalive, hours
-    later. Every retry of those rows would wait for those locks. So the next connection that
-    succeeds terminates the backends we abandoned - only sessions of our own application name
-    (a reused pid is then at worst another audit session, whose write is retried).
-    """
-    connection_class = _pg_connection_class()
-    abandoned: list[int] = []
-
-    @event.listens_for(engine, "do_connect")
-    def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
-        # The engine's dict: copied, not changed. Autocommit from the start, as the engine
-        # sets it anyway, so _terminate's statement opens no transaction.
-        params = {"application_name": APPLICATION_NAME, **cparams, "autocommit": True}
-        with _bounded(at=time.monotonic() + connect_timeout):
-            conn = connection_class.connect(*cargs, **params)
-            conn.op_timeout = op_timeout
-            conn.abandoned = abandoned
-            if abandoned:
-                _terminate(conn, abandoned)
-        return conn
-
-
-def _terminate(conn: Any, abandoned: list[int]) -> None:
-    pids = abandoned[:]
-    del abandoned[: len(pids)]
-    try:
-        conn.execute(_TERMINATE, (pids,)).close()
-    except Exception as exc:
-        if conn.closed:
-            raise  # this connection failed too: an outage, reported by the caller
-        # No right to (pg_signal_backend): the server's keepalive will, eventually.
-        logger.warning("otel-celery-publish: could not end abandoned audit sessions: %r", exc)
 
 
 @dataclass(frozen=True)
@@ -203,7 +66,7 @@ class _Prepared:
     positions: tuple[str, ...] | None  # parameter order for positional drivers (sqlite3)
     processors: dict[str, Callable[[Any], Any]]
 
-    def params(self, row: Row) -> Any:
+    def params(self, row: Record) -> Any:
         values = dict(row)
         for name, process in self.processors.items():  # few: JSON, mostly
             if name in values:
@@ -222,7 +85,7 @@ def preload_driver(url: str) -> None:
     dialect = make_url(url).get_dialect()
     dialect.import_dbapi()
     if dialect.name == "postgresql":
-        _pg_connection_class()
+        pg_connection_class()
         importlib.import_module("psycopg.sql")
 
 
@@ -234,7 +97,7 @@ def make_engine(url: str, timeout: float = 2.0, *, op_timeout: float | None = No
     ``timeout`` bounds connecting and unacknowledged sends (PostgreSQL) or lock waits (SQLite).
     ``op_timeout`` (PostgreSQL, the writer's engine) bounds every wait for the server on the
     client side too, connecting included (by ``timeout``), and makes the calling thread's
-    deadline apply (see the module docstring); the read side's long queries go without.
+    deadline apply (see :mod:`.deadline`); the read side's long queries go without.
     """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": timeout}, isolation_level="AUTOCOMMIT")
@@ -259,7 +122,7 @@ def make_engine(url: str, timeout: float = 2.0, *, op_timeout: float | None = No
             url, connect_args=connect_args, isolation_level="AUTOCOMMIT", pool_timeout=timeout
         )
         if op_timeout is not None:
-            _bound_connections(engine, timeout, op_timeout)
+            bound_connections(engine, timeout, op_timeout)
         return engine
     scheme = url.split(":", 1)[0]
     raise ValueError(f"unsupported audit database {scheme!r}: use postgresql or sqlite")
@@ -303,7 +166,7 @@ class Database:
             )
             if self.settings.create_schema:
                 try:
-                    with _bounded(op=MIGRATE_TIMEOUT_S):
+                    with bounded(op=MIGRATE_TIMEOUT_S):
                         upgrade(engine, self.table.name)
                 except BaseException:
                     engine.dispose()
@@ -311,7 +174,7 @@ class Database:
             self._engine = engine
         return self._engine
 
-    def insert_now(self, row: Row, deadline: float | None = None) -> None:
+    def insert_now(self, row: Record, deadline: float | None = None) -> None:
         """Commit one row through the raw driver: a prepared upsert, no ORM, no transaction.
 
         Everything - waiting for the sync connection, setting the engine up, connecting, the
@@ -326,8 +189,8 @@ class Database:
                 "(another publish is waiting for the database)"
             )
         columns = tuple(row)
-        saved = _deadline.at
-        _deadline.at = deadline  # read by the PostgreSQL connection's waits
+        saved = thread_deadline.at
+        thread_deadline.at = deadline  # read by the PostgreSQL connection's waits
         try:
             with suppress_instrumentation():
                 if self._raw is None:
@@ -344,15 +207,15 @@ class Database:
                 self._drop_sync()
             raise
         finally:
-            _deadline.at = saved
+            thread_deadline.at = saved
             self._sync_lock.release()
 
-    def upsert(self, rows: list[Row]) -> None:
+    def upsert(self, rows: list[Record]) -> None:
         """Upsert ``rows`` (merged per publish_id), one executemany per distinct column set."""
-        merged: dict[str, Row] = {}
+        merged: dict[str, Record] = {}
         for row in rows:
             merged.setdefault(row["publish_id"], {}).update(row)
-        groups: dict[tuple[str, ...], list[Row]] = {}
+        groups: dict[tuple[str, ...], list[Record]] = {}
         for row in merged.values():
             groups.setdefault(tuple(sorted(row)), []).append(row)
         engine = self.engine()
@@ -376,7 +239,7 @@ class Database:
                     )
                 conn.execute(stmt, group)
 
-    def _copy_upsert(self, conn: Connection, columns: tuple[str, ...], rows: list[Row]) -> None:
+    def _copy_upsert(self, conn: Connection, columns: tuple[str, ...], rows: list[Record]) -> None:
         """PostgreSQL's fast path for a big batch (a spool drain): COPY into a temporary
         table, then one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` (COPY cannot upsert)."""
         from psycopg import sql  # noqa: PLC0415 - only with PostgreSQL (the optional extra)

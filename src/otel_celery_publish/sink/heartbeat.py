@@ -20,7 +20,6 @@ import os
 import random
 import threading
 import time
-import weakref
 from typing import Any
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -33,6 +32,7 @@ from otel_celery_publish.config import Settings
 from otel_celery_publish.schema.migrate import upgrade
 from otel_celery_publish.schema.table import workers_table
 from otel_celery_publish.sink.database import make_engine, preload_driver
+from otel_celery_publish.sink.process_hooks import ProcessHooks
 
 UTC = dt.timezone.utc
 # A beat may be late by up to one interval (a slow database, a busy host) before the instance
@@ -58,16 +58,12 @@ class Heartbeat:
         self._owner: int | None = None
         #: Inherited by forked pool children, which stamp it on the rows they start.
         self.instance_id: str | None = None
-        ref = weakref.ref(self)
+        PROCESS_HOOKS.add(self)
 
-        def after_fork() -> None:
-            heartbeat = ref()
-            if heartbeat is not None:
-                # The thread is the parent's; the lock may have been held by it at fork time.
-                heartbeat._lock = threading.Lock()
-                heartbeat._thread = None
-
-        os.register_at_fork(after_in_child=after_fork)
+    def _forked(self) -> None:
+        # The thread is the parent's; the lock may have been held by it at fork time.
+        self._lock = threading.Lock()
+        self._thread = None
 
     def start(self, nodename: str) -> None:
         """Start beating for this process as a new worker instance (idempotent per process)."""
@@ -152,7 +148,7 @@ def _engine(settings: Settings) -> Engine:
         milliseconds = int(settings.db_timeout * 1000)
 
         @event.listens_for(engine, "connect")
-        def _bounded(dbapi_conn: Any, _record: Any) -> None:
+        def _statement_timeout(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.execute(f"SET statement_timeout = {milliseconds}")
 
     return engine
@@ -165,3 +161,9 @@ def _report(exc: Exception) -> None:
         f"worker heartbeat not written ({exc!r}): if it stays so for two intervals, `audit "
         "lost` takes this worker for dead and reports the tasks it runs",
     )
+
+
+#: Every heartbeat of this process, for the one at-fork hook they share.
+PROCESS_HOOKS: ProcessHooks[Heartbeat] = ProcessHooks(
+    "worker heartbeat", after_fork=Heartbeat._forked
+)

@@ -9,9 +9,10 @@ alone), repairs what can be repaired faithfully (NUL bytes stripped, unencodable
 escaped, over-long text cut with a visible :data:`~otel_celery_publish.headers.TRUNCATED`
 marker; the ``publish_id`` key is never rewritten) and writes what is still refused to a
 quarantine file: ``<spool target dir>/quarantine/<host>-<pid>.q``, the spool's framing
-(:func:`~otel_celery_publish.sink.spool.encode`), mode 0600, fsynced. Nothing is dropped
-silently: every quarantined record is logged, sent to Sentry and counted in
-``celery.audit.quarantined``, and :func:`quarantined` lists them for ``celery audit drain``.
+(:mod:`.records`), mode 0600, fsynced, in a directory checked like the spool's
+(:mod:`.directories`). Nothing is dropped silently: every quarantined record is logged, sent to
+Sentry and counted in ``celery.audit.quarantined``, and :func:`quarantined` lists them for
+``celery audit drain``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import datetime
 import os
 import pickle
 import socket
-import stat
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,9 +31,10 @@ from sqlalchemy import exc as sa_exc
 
 from otel_celery_publish import headers as hdr
 from otel_celery_publish.config import Settings
-from otel_celery_publish.sink.spool import decode, encode, open_dir, target_dir
+from otel_celery_publish.sink.directories import file_problem, open_dir
+from otel_celery_publish.sink.records import Record, decode, encode
+from otel_celery_publish.sink.spool import target_dir
 
-Row = dict[str, Any]
 SUBDIR = "quarantine"
 SUFFIX = ".q"
 # SQLSTATE classes that mean "this value": 22 data exception (too long, out of range, bad
@@ -76,11 +77,11 @@ def is_refusal(exc: BaseException) -> bool:
     return isinstance(orig, (TypeError, ValueError, OverflowError, KeyError))
 
 
-def repair(row: Row, table: Table) -> tuple[Row, list[str]] | None:
+def repair(row: Record, table: Table) -> tuple[Record, list[str]] | None:
     """A copy of ``row`` the database can take, and what was changed; None if nothing needed
     (or could) be repaired. Faithful changes only: NUL bytes stripped, unencodable characters
     escaped, text longer than its column cut and marked; the publish_id key is never touched."""
-    fixed: Row | None = None
+    fixed: Record | None = None
     notes: list[str] = []
     for name, value in row.items():
         column = table.c.get(name)
@@ -158,7 +159,7 @@ class Quarantine:
         self._count = count
         self._lock = threading.Lock()
 
-    def put(self, row: Row, exc: BaseException) -> str:
+    def put(self, row: Record, exc: BaseException) -> str:
         """Append ``row`` with the reason ``exc`` gives, durably; return the file's path.
 
         Raises OSError when the disk refuses it: the caller keeps the record and retries.
@@ -200,7 +201,7 @@ class QuarantinedRecord:
     reason: str
     path: str
     quarantined_at: datetime.datetime | None
-    record: Row
+    record: Record
 
 
 def _entries(data: bytes) -> list[dict[str, Any]]:
@@ -219,8 +220,7 @@ def _read_own(path: str) -> bytes | None:
             raise
         return None
     with os.fdopen(fd, "rb") as file:
-        st = os.fstat(file.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        if file_problem(os.fstat(file.fileno())):
             return None
         return file.read()
 
@@ -246,7 +246,7 @@ def quarantined(settings: Settings) -> list[QuarantinedRecord]:
         if data is None:
             continue  # a symlink, not a regular file, or another user's: not ours to show
         for entry in _entries(data):
-            record: Row = entry["record"]
+            record: Record = entry["record"]
             key = pickle.dumps((record, entry.get("reason")))
             if key in seen:
                 continue

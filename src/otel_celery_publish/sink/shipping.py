@@ -11,7 +11,6 @@ writer's thread.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from opentelemetry import metrics
 from sqlalchemy import Table
@@ -20,20 +19,17 @@ from otel_celery_publish._guard import report
 from otel_celery_publish.config import Settings
 from otel_celery_publish.schema.table import audit_table
 from otel_celery_publish.sink.database import Database
+from otel_celery_publish.sink.instruments import instruments
 from otel_celery_publish.sink.quarantine import Quarantine, is_refusal, reason_of, repair
-from otel_celery_publish.sink.spool import (
-    adopt_orphans,
-    target_dir,
-)
-
-Row = dict[str, Any]
+from otel_celery_publish.sink.records import Record
+from otel_celery_publish.sink.spool import adopt_orphans, target_dir
 
 
 def ship_isolating(
-    write: Callable[[list[Row]], None],
-    rows: list[Row],
+    write: Callable[[list[Record]], None],
+    rows: list[Record],
     table: Table,
-    refused: Callable[[Row, BaseException], None],
+    refused: Callable[[Record, BaseException], None],
     *,
     error: BaseException | None = None,
 ) -> None:
@@ -71,10 +67,10 @@ def ship_isolating(
 
 
 def _bisect(
-    write: Callable[[list[Row]], None],
-    candidates: list[tuple[Row, Row]],
+    write: Callable[[list[Record]], None],
+    candidates: list[tuple[Record, Record]],
     error: BaseException,
-    refused: Callable[[Row, BaseException], None],
+    refused: Callable[[Record, BaseException], None],
 ) -> None:
     """``candidates`` (original, repaired) were refused together with ``error``: write each
     half alone, recursing into a refused half; a lone refused record goes to ``refused``."""
@@ -91,14 +87,6 @@ def _bisect(
             _bisect(write, half, exc, refused)
 
 
-def quarantine_counter(meter: metrics.Meter) -> metrics.Counter:
-    return meter.create_counter(
-        "celery.audit.quarantined",
-        unit="{record}",
-        description="Audit records the database refused even repaired; kept in the quarantine",
-    )
-
-
 def drain_spool(settings: Settings) -> int:
     """Ship the spool leftovers of dead processes now; return the number of records stored.
 
@@ -109,10 +97,10 @@ def drain_spool(settings: Settings) -> int:
     table = audit_table(settings.table_name)
     db = Database(settings, table)
     directory = target_dir(settings.spool_dir, settings.audit_url, settings.table_name)
-    counter = quarantine_counter(metrics.get_meter("otel_celery_publish"))
+    counter = instruments(metrics.get_meter("otel_celery_publish")).quarantined
     refused = 0
 
-    def quarantine(row: Row, exc: BaseException) -> None:
+    def quarantine(row: Record, exc: BaseException) -> None:
         nonlocal refused
         path = store.put(row, exc)
         refused += 1

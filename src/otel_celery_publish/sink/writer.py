@@ -22,42 +22,44 @@ Every write is an upsert keyed by ``publish_id`` that sets only the columns it c
 commute (a worker update may land before the publish row it updates) and shipping a record twice
 stores it once.
 
-The database side (engine, deadlines, statements) is :mod:`.database`; isolating refused
-records is :mod:`.shipping`.
+The database side (engine, statements) is :mod:`.database`, its deadlines :mod:`.deadline`;
+isolating refused records is :mod:`.shipping`; the metrics are :mod:`.instruments`. A process
+with several writers (``instrument()`` again after ``uninstrument()``) still has one at-fork and
+one atexit hook for them all (:data:`PROCESS_HOOKS`) and one backlog gauge per meter.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
 import queue
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import cast
 
 from opentelemetry import metrics
 from sqlalchemy import Engine
 
 from otel_celery_publish._guard import report
 from otel_celery_publish.config import Settings
+from otel_celery_publish.rows import PublishRow, Update
 from otel_celery_publish.schema.table import audit_table
 from otel_celery_publish.sink.database import Database, preload_driver
+from otel_celery_publish.sink.directories import SpoolRefused
+from otel_celery_publish.sink.instruments import instruments
+from otel_celery_publish.sink.process_hooks import ProcessHooks
 from otel_celery_publish.sink.quarantine import Quarantine, is_refusal, reason_of
-from otel_celery_publish.sink.shipping import quarantine_counter, ship_isolating
+from otel_celery_publish.sink.records import Record
+from otel_celery_publish.sink.shipping import ship_isolating
 from otel_celery_publish.sink.spool import (
     Spool,
     SpoolFull,
-    SpoolRefused,
     adopt_orphans,
     target_dir,
 )
 
 logger = logging.getLogger("otel_celery_publish")
 
-Row = dict[str, Any]
 # After a failed synchronous write, publishes skip the database for this long and go straight to
 # the spool, so a dead database costs one timeout, not one per publish.
 BREAKER_OPEN_S = 5.0
@@ -85,44 +87,20 @@ class AuditWriter:
         self.table = audit_table(settings.table_name)
         self.spool_dir = target_dir(settings.spool_dir, settings.audit_url, settings.table_name)
         preload_driver(settings.audit_url)
-        meter = meter or metrics.get_meter("otel_celery_publish")
-        self._fallbacks = meter.create_counter(
-            "celery.audit.fallback",
-            unit="{record}",
-            description="Publish rows the sync path could not commit and spooled instead",
-        )
-        self._overflow = meter.create_counter(
-            "celery.audit.spool.overflow",
-            unit="{record}",
-            description="Records the spool refused (spool_max_bytes reached); kept in memory",
-        )
-        self._dropped = meter.create_counter(
-            "celery.audit.dropped",
-            unit="{record}",
-            description="Audit records lost: spool full or unwritable and memory queue full",
-        )
-        self._quarantined = quarantine_counter(meter)
-        meter.create_observable_gauge(
-            "celery.audit.spool.backlog",
-            callbacks=[self._observe_backlog],
-            unit="By",
-            description="Bytes in this process's spool not yet shipped to the audit database",
-        )
+        metered = instruments(meter or metrics.get_meter("otel_celery_publish"))
+        self._fallbacks = metered.fallbacks
+        self._overflow = metered.overflow
+        self._dropped = metered.dropped
+        self._quarantined = metered.quarantined
         self._reset(fork=False)
-        ref = weakref.ref(self)
+        metered.watch(self)
+        PROCESS_HOOKS.add(self)
 
-        def after_fork() -> None:
-            writer = ref()
-            if writer is not None:
-                writer._reset(fork=True)
+    def _forked(self) -> None:
+        self._reset(fork=True)
 
-        def at_exit() -> None:
-            writer = ref()
-            if writer is not None:
-                writer.close(timeout=5.0)
-
-        os.register_at_fork(after_in_child=after_fork)
-        atexit.register(at_exit)
+    def _exiting(self) -> None:
+        self.close(timeout=5.0)
 
     def _reset(self, *, fork: bool) -> None:
         # After fork: the parent's connections, spool segment, queue and thread are not ours.
@@ -138,7 +116,7 @@ class AuditWriter:
         )
         # Its lock too: a parent thread may have held it at fork time.
         self._quarantine = Quarantine(self.spool_dir, self._quarantined.add)
-        self._queue: queue.SimpleQueue[Row | _Flush] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Record | _Flush] = queue.SimpleQueue()
         # The thread sleeps on this, not on the queue: a put must not wake it (a thread switch
         # per event costs the task or publish that made it), only flush/close and a backlog.
         self._wake = threading.Event()
@@ -151,9 +129,10 @@ class AuditWriter:
 
     # -- write paths -----------------------------------------------------------------------
 
-    def record_publish(self, row: Row) -> None:
+    def record_publish(self, row: PublishRow) -> None:
         """Make the publish row durable now, as the durability mode says; never raises, and
         never takes more than ``db_timeout`` (plus a few milliseconds) in ``sync`` mode."""
+        record = cast(Record, row)  # the same dict: the sink stores it as it is
         mode = self.settings.durability
         if mode == "sync":
             if self._thread is None:
@@ -161,18 +140,18 @@ class AuditWriter:
             if time.monotonic() >= self._breaker_until:
                 deadline = time.monotonic() + self.settings.db_timeout
                 try:
-                    self.db.insert_now(row, deadline)
+                    self.db.insert_now(record, deadline)
                     return
                 except Exception as exc:
-                    if self._sync_refused(row, exc, deadline):
+                    if self._sync_refused(record, exc, deadline):
                         return
             self._fallbacks.add(1)
         if mode == "async":
-            self._enqueue(row)
+            self._enqueue(record)
         else:
-            self._to_spool(row)
+            self._to_spool(record)
 
-    def _sync_refused(self, row: Row, exc: Exception, deadline: float) -> bool:
+    def _sync_refused(self, row: Record, exc: Exception, deadline: float) -> bool:
         """After a failed sync write: True when the row was refused and is now repaired and
         committed, or quarantined; False (the row goes to the spool) on an outage, which opens
         the breaker: publishes skip the database for a while, a dead one costs one timeout."""
@@ -197,7 +176,7 @@ class AuditWriter:
         )
         return False
 
-    def _refused(self, row: Row, exc: BaseException) -> None:
+    def _refused(self, row: Record, exc: BaseException) -> None:
         """A record refused even repaired: to the quarantine file (raises if the disk refuses
         it too: then it stays where it is and is retried), counted and reported."""
         path = self._quarantine.put(row, exc)
@@ -208,14 +187,15 @@ class AuditWriter:
             f"{row.get('task_id')}): {reason_of(exc)}; kept in {path} (see celery audit drain)",
         )
 
-    def record_update(self, row: Row, *, best_effort: bool = False) -> None:
+    def record_update(self, update: Update, *, best_effort: bool = False) -> None:
         """A lifecycle update (a partial row holding ``publish_id``) for the batched upsert: to
         the spool in ``spool`` mode, else to the in-memory queue; ``best_effort`` updates go to
         the in-memory queue in every mode (a crash may lose them, the row itself stays)."""
+        record = cast(Record, update)  # the same dict: merged into the row as it is
         if not best_effort and self.settings.durability == "spool":
-            self._to_spool(row)
+            self._to_spool(record)
         else:
-            self._enqueue(row)
+            self._enqueue(record)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Ship everything queued and spooled so far; True when it reached the database."""
@@ -227,14 +207,14 @@ class AuditWriter:
         self.db.dispose()
         return flushed
 
-    def _enqueue(self, row: Row) -> None:
+    def _enqueue(self, row: Record) -> None:
         if self._thread is None:
             self._start()
         self._queue.put(row)
         if self._queue.qsize() > self.settings.max_pending:
             self._wake.set()
 
-    def _to_spool(self, row: Row) -> None:
+    def _to_spool(self, row: Record) -> None:
         if self._thread is None:
             self._start()
         try:
@@ -252,8 +232,9 @@ class AuditWriter:
         self._wake.set()
         return msg.done.wait(timeout) and msg.ok
 
-    def _observe_backlog(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
-        return [metrics.Observation(self._spool.size - self._spool.shipped)]
+    def backlog(self) -> int:
+        """Bytes of this writer's spool segment not yet shipped (the backlog gauge's value)."""
+        return self._spool.size - self._spool.shipped
 
     # -- background shipping ---------------------------------------------------------------
 
@@ -271,7 +252,7 @@ class AuditWriter:
                 self._thread.start()
 
     def _run(self) -> None:
-        pending: dict[str, Row] = {}
+        pending: dict[str, Record] = {}
         interval = self.settings.flush_interval
         next_ship = time.monotonic()
         backoff = interval
@@ -279,7 +260,7 @@ class AuditWriter:
             waiters: list[_Flush] = []
             self._wake.wait(max(0.0, next_ship - time.monotonic()))
             self._wake.clear()
-            self._drain(pending, waiters)
+            self._take_queued(pending, waiters)
             if waiters or time.monotonic() >= next_ship:
                 ok = self._ship(pending)
                 backoff = interval if ok else min(backoff * 2, RETRY_BACKOFF_MAX_S)
@@ -296,7 +277,7 @@ class AuditWriter:
             if stop:
                 return
 
-    def _ship(self, pending: dict[str, Row]) -> bool:
+    def _ship(self, pending: dict[str, Record]) -> bool:
         """Ship the memory queue, then the spool, then dead processes' spools. On failure the
         memory queue moves to the spool: bounded memory, and a crash now loses nothing."""
         try:
@@ -323,10 +304,10 @@ class AuditWriter:
             self._spill(pending)
             return False
 
-    def _write(self, rows: list[Row]) -> None:
+    def _write(self, rows: list[Record]) -> None:
         ship_isolating(self.db.upsert, rows, self.table, self._refused)
 
-    def _spill(self, pending: dict[str, Row]) -> None:
+    def _spill(self, pending: dict[str, Record]) -> None:
         for publish_id in list(pending):
             try:
                 self._spool.append(pending[publish_id])
@@ -337,7 +318,7 @@ class AuditWriter:
                 return
             del pending[publish_id]
 
-    def _drain(self, pending: dict[str, Row], waiters: list[_Flush]) -> None:
+    def _take_queued(self, pending: dict[str, Record], waiters: list[_Flush]) -> None:
         """Take everything queued so far: records merge into ``pending``, flushes wait."""
         while True:
             try:
@@ -362,3 +343,10 @@ class AuditWriter:
                     f"and the spool refuses them; dropped the oldest ({dropped})"
                 )
                 report("audit queue full", exc, str(exc))
+
+
+#: Every writer of this process, for the one at-fork hook (re-arm in the child) and the one
+#: atexit hook (ship what is left) they share.
+PROCESS_HOOKS: ProcessHooks[AuditWriter] = ProcessHooks(
+    "audit writer", after_fork=AuditWriter._forked, at_exit=AuditWriter._exiting
+)
