@@ -270,3 +270,47 @@ def test_without_sentry_sdk_internal_errors_are_logged_and_nothing_raises(
     assert lines[-1] == "done", done.stdout
     assert any("internal error in test hook" in line for line in lines), done.stdout
     assert any("audit database unavailable" in line for line in lines), done.stdout
+
+
+def test_any_line_of_our_logger_is_scrubbed(caplog: pytest.LogCaptureFixture) -> None:
+    """A warning any of our modules logs directly (not through report()) is scrubbed too."""
+    with caplog.at_level(logging.WARNING, logger="otel_celery_publish"):
+        logging.getLogger("otel_celery_publish").warning("engine %s failed", URL)
+    [record] = [r for r in caplog.records if r.name == "otel_celery_publish"]
+    assert "u:***@127.0.0.1" in record.getMessage() and SECRET not in record.getMessage()
+
+
+LATE_SENTRY = """
+import json, logging, sys
+from otel_celery_publish import _guard  # the host's sentry_sdk is not imported yet
+import sentry_sdk
+from sentry_sdk.integrations.logging import LoggingIntegration
+from sentry_sdk.transport import Transport
+
+class Keep(Transport):
+    def __init__(self):
+        super().__init__()
+        self.events = []
+    def capture_envelope(self, envelope):
+        self.events += [json.loads(i.get_bytes()) for i in envelope.items if i.type == "event"]
+
+keep = Keep()
+sentry_sdk.init(dsn="https://key@sentry.invalid/1", transport=keep, default_integrations=False,
+                auto_enabling_integrations=False, integrations=[LoggingIntegration()])
+logging.getLogger("otel_celery_publish").warning("audit spool: %s", sys.argv[1])
+sentry_sdk.capture_message("the host's own event")
+sentry_sdk.flush()
+[event] = keep.events
+print(json.dumps(event.get("breadcrumbs", {}).get("values", [])))
+"""
+
+
+def test_our_lines_never_become_breadcrumbs_when_the_host_imports_sentry_after_us() -> None:
+    """A host that initialises Sentry after instrumenting: our first log line (before any
+    report) still neither becomes a breadcrumb in the host's events nor carries the secret."""
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_SENTRY, URL],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    crumbs = json.loads(done.stdout.splitlines()[-1])
+    assert [c for c in crumbs if c.get("category") == "otel_celery_publish"] == [], crumbs

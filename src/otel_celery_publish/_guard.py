@@ -11,10 +11,11 @@ that never imported it has no client to send to; importing it ourselves would on
 0.2 s and its integrations' patching) in every web and worker process.
 
 What we log must not carry the audit database's password (or any other secret): it is in the
-messages of a failed connection (the URL, libpq's conninfo). So every line goes through
-:class:`TextScrubber`: the password of a URL (``scheme://user:***@``), ``key=value`` pairs under
-a sensitive key (the ``redact_keys`` setting, always with the defaults) and every secret
-registered with :func:`configure` become ``***``. Sentry events get the same rules and more.
+messages of a failed connection (the URL, libpq's conninfo). So every line of our logger, from
+whichever module, goes through :class:`TextScrubber` (a filter on the logger): the password of a
+URL (``scheme://user:***@``), ``key=value`` pairs under a sensitive key (the ``redact_keys``
+setting, always with the defaults) and every secret registered with :func:`configure` become
+``***``. Sentry events get the same rules and more.
 """
 
 from __future__ import annotations
@@ -106,26 +107,40 @@ def report(where: str, exc: BaseException, message: str | None = None) -> None:
     if last is not None and now - last < REPEAT_AFTER_S:
         return
     _last_report[key] = now
-    # Before logging: loading it makes Sentry's logging integration ignore our logger, so the
-    # line below does not become a second event.
     capture = _sentry_capture()
-    scrubber = TextScrubber(_redact_keys, _secrets)
     if message is None:
         logger.error(
-            "otel-celery-publish internal error in %s (publish and task continue): %s",
+            "otel-celery-publish internal error in %s (publish and task continue): %r",
             where,
-            scrubber.text(repr(exc)),
+            exc,
             exc_info=exc,
         )
     else:
-        logger.warning(
-            "otel-celery-publish: %s (publish and task continue)", scrubber.text(message)
-        )
+        logger.warning("otel-celery-publish: %s (publish and task continue)", message)
     if capture is not None:
         try:
             capture(exc, _redact_keys, _secrets)
         except Exception:  # sentry-sdk's own failure must not reach the host either
             logger.debug("otel-celery-publish: a Sentry capture failed", exc_info=True)
+
+
+class _EveryLine(logging.Filter):
+    """On our logger, before any handler sees a record (Sentry's logging integration included):
+    load our Sentry side if the host has sentry-sdk, which makes that integration ignore our
+    logger (no breadcrumb, no second event), and scrub the line's text (:class:`TextScrubber`),
+    whichever module logged it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        _sentry_capture()
+        try:
+            text = record.getMessage()
+        except Exception:  # a broken format: logging reports it itself, as it would without us
+            return True
+        record.msg, record.args = TextScrubber(_redact_keys, _secrets).text(text), None
+        return True
+
+
+logger.addFilter(_EveryLine())
 
 
 def _sentry_capture() -> Capture | None:
