@@ -49,7 +49,7 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.dialects import postgresql
 
 from otel_celery_publish import audit
-from otel_celery_publish.audit import _stats, _store
+from otel_celery_publish.audit import _db, _lost, _stats
 from otel_celery_publish.config import Settings
 from otel_celery_publish.schema.migrate import upgrade
 from otel_celery_publish.schema.table import audit_table
@@ -215,7 +215,7 @@ def timed(fn: Callable[[], Any], repeat: int) -> tuple[list[float], Any]:
     return samples, result
 
 
-def explain(db: _store.Db, label: str, stmt: Any) -> None:
+def explain(db: _db.TableAccess, label: str, stmt: Any) -> None:
     """EXPLAIN (ANALYZE, BUFFERS) with the statement's parameters bound by the driver."""
     compiled = stmt.compile(dialect=postgresql.psycopg.dialect())
     with db.engine.connect() as conn:
@@ -236,14 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         day, hour = dt.timedelta(days=1), dt.timedelta(hours=1)
         lost_args = {"since": day, "older_than": dt.timedelta(minutes=10), "now": now}
         results: dict[str, list[float]] = {}
-        with _store.open_db(settings) as db:
+        with _db.open_db(settings) as db:
             t = db.table
             total, unfinished = db.rows(
                 select(func.count(), func.count().filter(t.c.finished_at.is_(None)))
             )[0]
             size = db.rows(select(func.pg_size_pretty(func.pg_total_relation_size(TABLE))))[0][0]
             print(f"\n{total:,} rows ({unfinished:,} unfinished), table + indexes {size}")
-            lost_stmt = _store.lost_query(db, until=None, **lost_args).limit(100)
+            lost_stmt = _lost.lost_query(db, until=None, **lost_args).limit(100)
             stats_stmts = _stats.queries(db, now - hour, now)
             results["lost (query)"], found = timed(lambda: db.rows(lost_stmt), args.repeat)
             results["stats (query)"], _ = timed(
@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{label:<20} {min(samples):9.2f} {statistics.median(samples):9.2f} "
                 f"{max(samples):9.2f}   {verdict}"
             )
-        with _store.open_db(settings) as db:
+        with _db.open_db(settings) as db:
             explain(db, "lost (last day)", lost_stmt)
             for name, stmt in stats_stmts.items():
                 explain(db, f"stats {name} (last hour)", stmt)

@@ -146,3 +146,89 @@ def _die_after_success(sender: Any = None, **_: Any) -> None:
     # SUCCESS is stored, then the process dies as an OOM kill would.
     if getattr(sender, "name", None) == "tests.succeed_then_die":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- Publish paths and pools (tests/test_publish_paths.py, tests/test_pools.py) ---------------
+
+if os.environ.get("OCP_ACCEPT_PICKLE") == "1":
+    # A second app in one publisher may send pickle (tests/test_publish_paths.py).
+    app.conf.accept_content = ["json", "pickle"]
+
+
+@app.task(name="tests.spawn", bind=True)
+def spawn(self: Any, seconds: float = 0.0, queue: str | None = None) -> str:
+    """Sleeps ``seconds``, then publishes ``tests.add`` from inside its run (a nested publish)
+    to ``queue``, by default the queue it came from; returns the child's task id."""
+    if seconds:
+        sleep(seconds)
+    queue = queue or (self.request.delivery_info or {}).get("routing_key")
+    return str(add.apply_async((1, 1), queue=queue).id)
+
+
+@app.task(name="tests.retry_countdown", bind=True, max_retries=2)
+def retry_countdown(self: Any) -> str:
+    """Retries twice with a countdown (attempts 0 and 1 end ``retried``), then succeeds."""
+    if self.request.retries < 2:
+        raise self.retry(exc=RuntimeError(f"attempt {self.request.retries}"), countdown=0.3)
+    return "third attempt"
+
+
+@app.task(
+    name="tests.autoretry", bind=True, autoretry_for=(RuntimeError,), retry_backoff=True,
+    retry_jitter=False, max_retries=2,
+)  # fmt: skip
+def autoretry(self: Any) -> str:
+    """Raises on its first two attempts; Celery retries it after 1 s, then 2 s (backoff)."""
+    if self.request.retries < 2:
+        raise RuntimeError(f"attempt {self.request.retries}")
+    return "third attempt"
+
+
+# -- canvas (tests/test_canvas.py) -------------------------------------------------------------
+
+
+@app.task(name="tests.tsum")
+def tsum(values: list[int]) -> int:
+    """A chord callback: the sum of its header's results."""
+    return sum(values)
+
+
+@app.task(name="tests.errback")
+def errback(task_id: str) -> str:
+    """A ``link_error`` callback taking only the failed task's id: Celery publishes it as a
+    task (an errback with more parameters is called in the worker's process, not published)."""
+    return task_id
+
+
+# -- A retry whose next attempt starts before its own run ended (tests/test_pools.py) ----------
+
+
+@app.task(name="tests.retry_overlap", bind=True, max_retries=1)
+def retry_overlap(self: Any) -> str:
+    """Retries at once; a slow ``task_retry`` receiver (below) keeps this run from ending, so
+    on a threads or greenlet pool the next attempt of the same task id runs meanwhile."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)
+    return "second attempt"
+
+
+@signals.task_retry.connect
+def _slow_retry_receiver(sender: Any = None, **_: Any) -> None:
+    # Connected after our own task_retry receiver: a host's slow receiver, as any may be.
+    if getattr(sender, "name", None) == "tests.retry_overlap":
+        time.sleep(1.0)
+
+
+# -- audit watch (tests/test_watch.py) ---------------------------------------------------------
+
+
+@app.task(name="tests.autoreplayed", audit_autoreplay=("not_received",))
+def autoreplayed(x: int) -> int:
+    """Opts in to automatic replay by its task option, for one lost reason."""
+    return x
+
+
+if os.environ.get("OCP_BROKER_HEARTBEAT"):
+    # AMQP heartbeats (checked every half interval) wake kombu's event loop, which otherwise
+    # sleeps up to 10 s on an idle RabbitMQ connection: a warm shutdown then waits as long.
+    app.conf.broker_heartbeat = int(os.environ["OCP_BROKER_HEARTBEAT"])

@@ -122,10 +122,10 @@ def cli(
         )
 
 
-def celery_audit(
-    *args: str, settings: Settings, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """``celery -A tests.app audit ARGS`` as a real subprocess through the entry point."""
+def _audit_command(
+    args: tuple[str, ...], settings: Settings, env: dict[str, str] | None
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of ``celery -A tests.app audit ARGS`` on the settings' table."""
     full_env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -135,8 +135,26 @@ def celery_audit(
         "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "celery",
         **(env or {}),
     }
+    return [str(BIN / "celery"), "-A", "tests.app", "audit", *args], full_env
+
+
+def celery_audit_popen(
+    *args: str, settings: Settings, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """``celery -A tests.app audit ARGS`` started as a real process (a long-running command)."""
+    argv, full_env = _audit_command(args, settings, env)
+    return subprocess.Popen(
+        argv, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def celery_audit(
+    *args: str, settings: Settings, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``celery -A tests.app audit ARGS`` as a real subprocess through the entry point."""
+    argv, full_env = _audit_command(args, settings, env)
     return subprocess.run(
-        [str(BIN / "celery"), "-A", "tests.app", "audit", *args],
+        argv,
         env=full_env,
         capture_output=True,
         text=True,

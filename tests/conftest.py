@@ -150,7 +150,7 @@ def use_broker(url: str) -> None:
     app._pool = None
     app.amqp._producer_pool = None
     app.conf.broker_url = url
-    _celery._app_facts.cache_clear()
+    _celery.app_facts.cache_clear()
 
 
 @pytest.fixture
@@ -309,15 +309,20 @@ def start_worker(
 
     yield start
     for worker in workers:
-        if worker.proc.poll() is None:
-            worker.proc.send_signal(signal.SIGTERM)
-        try:
-            worker.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.proc.pid, signal.SIGKILL)
-            worker.proc.wait(10)
+        stop_worker(worker.proc)
     for worker in workers:
         assert "otel-celery-publish internal error" not in worker.output(), worker.output()
+
+
+def stop_worker(proc: subprocess.Popen[Any]) -> None:
+    """A warm shutdown (SIGTERM) within 30 s, else SIGKILL of its whole process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import datetime as dt
 import importlib.machinery
 import importlib.util
 import json
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,8 +30,14 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import psycopg
 import pytest
 from ruamel.yaml import YAML
+
+from otel_celery_publish import audit, timing
+from otel_celery_publish.config import Settings
+from otel_celery_publish.sink.database import make_engine
+from tests.audit_support import NOW, ago, migrated, row, seed
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -52,10 +60,30 @@ DEPRECATED_COMPONENTS = {
 # Exporters that serve (bind) rather than connect: their endpoint must be 0.0.0.0.
 SERVING_EXPORTERS = {"prometheus"}
 # Attributes of our own metrics (README, "Metrics"): error.type on failures, which only a run has.
-OWN_METRIC_ATTRIBUTES = {
+# The worker's histograms (hooks/worker.py): what every instrumented worker exports.
+WORKER_METRIC_ATTRIBUTES = {
     "celery.task.queue_wait.duration": {"celery.task.name", "messaging.destination.name"},
     "messaging.process.duration": {"celery.task.name", "messaging.destination.name", "error.type"},
 }
+# The audit watchdog's metrics (``celery -A proj audit watch``, audit/_watch.py), by contract:
+# (unit, kind, attributes). exposed_series() uses the source's own instruments where it has them.
+WATCH_METRICS = {
+    "celery.audit.lost": (
+        "{task}",
+        "gauge",
+        {"celery.audit.lost_reason", "celery.task.name", "messaging.destination.name"},
+    ),
+    "celery.audit.replayed": ("{task}", "counter", {"celery.audit.trigger", "celery.task.name"}),
+    "celery.audit.dead_lettered": (
+        "{task}",
+        "gauge",
+        {"celery.task.name", "messaging.destination.name"},
+    ),
+}
+OWN_METRIC_ATTRIBUTES = WORKER_METRIC_ATTRIBUTES | {n: spec[2] for n, spec in WATCH_METRICS.items()}
+ALERTS = DEPLOY / "alerts"
+# Grafana's PostgreSQL datasource plugin id (core since Grafana 10.3; formerly "postgres").
+POSTGRES_TYPE = "grafana-postgresql-datasource"
 # Span names our instrumentation produces, before the task name (README, Jaeger / Tempo table).
 SPAN_PREFIXES = {"send", "queue wait", "broker wait", "worker wait", "process"}
 
@@ -570,6 +598,159 @@ def test_prometheus_checks_reject_a_broken_config(tmp_path: Path) -> None:
         assert promtool_check(broken).returncode != 0
 
 
+# -- Prometheus alert rules (deploy/alerts) ------------------------------------------------------
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    path = shutil.which("promtool")
+    assert path is not None
+    return subprocess.run([path, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+_AGGREGATION = re.compile(r"\b(?:sum|avg|min|max|count|group|topk|bottomk|quantile)\s*(?:by\b|\()")
+
+
+def rule_problems(document: Any, series: dict[str, set[str]]) -> list[str]:
+    """A structural check of a rule file, for machines without promtool: groups and alert names
+    unique, durations valid, every series and label an expression uses exposed by the collector,
+    and every ``$labels.x`` an annotation uses kept by the expression's ``by (...)``."""
+    problems = []
+    groups = (document or {}).get("groups") or []
+    names = [group.get("name") for group in groups]
+    if not groups or None in names or len(names) != len(set(names)):
+        problems.append(f"group names missing or not unique: {names}")
+    alerts = [rule.get("alert") for group in groups for rule in group.get("rules") or []]
+    if None in alerts or len(alerts) != len(set(alerts)):
+        problems.append(f"alert names missing or not unique: {alerts}")
+    for group in groups:
+        for rule in group.get("rules") or []:
+            where = f"alert {rule.get('alert')}"
+            expr = str(rule.get("expr") or "")
+            if "for" in rule and not _DURATION.match(str(rule["for"])):
+                problems.append(f"{where}: for {rule['for']!r} is not a duration")
+            if not expr or expr.count("(") != expr.count(")"):
+                problems.append(f"{where}: expression {expr!r} does not parse")
+            metrics, labels = promql_names(expr)
+            if not metrics:
+                problems.append(f"{where}: no series in {expr!r}")
+            problems += series_problems(where, metrics, labels, series)
+            used = re.findall(r"\$labels\.(\w+)", json.dumps(rule.get("annotations") or {}))
+            if _AGGREGATION.search(expr):  # only its by (...) labels survive an aggregation
+                kept = {p.strip() for body in _GROUPING.findall(expr) for p in body.split(",")}
+            else:
+                kept = set().union(*(series.get(m, set()) for m in metrics))
+            problems += [f"{where}: $labels.{lb} is not kept by the expression"
+                         for lb in sorted(set(used) - kept)]  # fmt: skip
+    return problems
+
+
+def rule_files() -> list[Path]:
+    """The rule files prometheus.yml loads, as paths in the repo (relative to the config)."""
+    return [DEPLOY / name for name in load_yaml(DEPLOY / "prometheus.yml")["rule_files"]]
+
+
+def test_alert_rules_are_valid() -> None:
+    """promtool accepts the rule files (where installed) and the structural check finds nothing:
+    the rules use only series and labels the collector exposes."""
+    files = rule_files()
+    assert [f.name for f in files] == ["celery-audit.yml"]
+    for path in files:
+        assert rule_problems(load_yaml(path), exposed_series()) == []
+        if shutil.which("promtool"):
+            result = promtool("check", "rules", str(path))
+            assert result.returncode == 0, result.stdout + result.stderr
+
+
+BROKEN_RULES = """\
+groups:
+  - name: a
+    rules:
+      - alert: Lost
+        expr: sum by (celery_task_name) (celery_audit_lost_tasks > 0
+        for: ten minutes
+  - name: a
+    rules:
+      - alert: Dead
+        expr: sum(celery_audit_dead_lettered) > 0
+        annotations:
+          summary: "{{ $labels.messaging_destination_name }}"
+      - alert: Dead
+        expr: celery_audit_dead_lettered{celery_audit_trigger="auto"} > 0
+"""
+
+
+def test_alert_rule_checks_reject_a_broken_file(tmp_path: Path) -> None:
+    """A duplicate group and alert, a bad duration, an unbalanced expression, an unknown series,
+    a label the series lacks and an annotation label the sum drops are each reported; promtool
+    (where installed) fails the file too."""
+    broken = tmp_path / "rules.yml"
+    broken.write_text(BROKEN_RULES)
+    problems = rule_problems(load_yaml(broken), exposed_series())
+    assert len(problems) == 7, problems
+    if shutil.which("promtool"):
+        assert promtool("check", "rules", str(broken)).returncode != 0
+
+
+def test_alert_rules_fire_after_ten_minutes_and_not_before(tmp_path: Path) -> None:
+    """promtool's unit tests (deploy/alerts/celery-audit.test.yml) pass: lost tasks alert after
+    10 minutes, not at 9 nor for a 5-minute blip; dead letters at once. The same tests fail on
+    a rule that waits 5 minutes, so they can fail. Without promtool: the rules' own values."""
+    rules = {
+        rule["alert"]: rule
+        for group in load_yaml(ALERTS / "celery-audit.yml")["groups"]
+        for rule in group["rules"]
+    }
+    assert (
+        rules["CeleryTasksLost"]["for"] == "10m" and "for" not in rules["CeleryTasksDeadLettered"]
+    )
+    if not shutil.which("promtool"):
+        return
+    result = promtool("test", "rules", str(ALERTS / "celery-audit.test.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    shutil.copy(ALERTS / "celery-audit.test.yml", tmp_path)
+    text = (ALERTS / "celery-audit.yml").read_text()
+    assert text.count("for: 10m") == 1
+    (tmp_path / "celery-audit.yml").write_text(text.replace("for: 10m", "for: 5m"))
+    early = promtool("test", "rules", str(tmp_path / "celery-audit.test.yml"))
+    assert early.returncode != 0 and "time: 9m" in early.stdout + early.stderr
+
+
+def test_prometheus_loads_the_rule_files_compose_mounts() -> None:
+    """Each rule file prometheus.yml names exists in the repo, and resolves (relative to the
+    config, as Prometheus resolves it) to a file compose mounts into the Prometheus container."""
+    service = services()["prometheus"]
+    config_target = next(t for s, t in mounts(service) if s == "./deploy/prometheus.yml")
+    config_dir = Path(config_target).parent
+    for path in rule_files():
+        assert path.is_file(), path
+        container = config_dir / path.relative_to(DEPLOY)
+        assert any(
+            container == Path(target) / (path.relative_to(ROOT / source.removeprefix("./")))
+            for source, target in mounts(service)
+            if path.is_relative_to(ROOT / source.removeprefix("./"))
+        ), f"{container} is not mounted"
+
+
+def test_watch_metrics_translate_to_the_documented_prometheus_names() -> None:
+    """The watchdog's metrics reach Prometheus as celery_audit_lost (a gauge: no suffix for the
+    {task} unit), celery_audit_replayed_total and celery_audit_dead_lettered, with their labels;
+    where the source already creates them, with the contract's unit and kind."""
+    names = {n: prometheus_name(n, unit, kind) for n, (unit, kind, _) in WATCH_METRICS.items()}
+    assert names == {
+        "celery.audit.lost": "celery_audit_lost",
+        "celery.audit.replayed": "celery_audit_replayed_total",
+        "celery.audit.dead_lettered": "celery_audit_dead_lettered",
+    }
+    series = exposed_series()
+    assert {"celery_audit_lost_reason", "celery_task_name", "messaging_destination_name"} <= (
+        series["celery_audit_lost"]
+    )
+    assert "celery_audit_trigger" in series["celery_audit_replayed_total"]
+    for name, unit, kind in own_metrics():
+        if name in WATCH_METRICS:
+            assert (unit, kind) == WATCH_METRICS[name][:2], name
+
+
 def test_prometheus_scrapes_the_collector_prometheus_exporter() -> None:
     """A scrape job targets the collector service on the prometheus exporter's port."""
     port = host_port(collector()["exporters"]["prometheus"]["endpoint"])[1]
@@ -667,13 +848,26 @@ def own_metrics() -> list[tuple[str, str, str]]:
     }
     found = []
     for path in sorted((ROOT / "src" / "otel_celery_publish").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        # Module-level NAME = "literal" constants, for instruments named through one.
+        constants = {
+            target.id: node.value
+            for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
+        for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
             if node.func.attr not in kinds or not node.args:
                 continue
-            name = node.args[0]
-            unit = next((k.value for k in node.keywords if k.arg == "unit"), ast.Constant(""))
+            name, unit = (
+                node.args[0],
+                next((k.value for k in node.keywords if k.arg == "unit"), ast.Constant("")),
+            )
+            name, unit = (constants.get(n.id, n) if isinstance(n, ast.Name) else n
+                          for n in (name, unit))  # fmt: skip
             assert isinstance(name, ast.Constant) and isinstance(unit, ast.Constant), path
             found.append((str(name.value), str(unit.value), kinds[node.func.attr]))
     return found
@@ -691,6 +885,8 @@ def exposed_series() -> dict[str, set[str]]:
         (f"{namespace}.duration", unit, "histogram", span_attributes),
     ]
     metrics += [(n, u, k, OWN_METRIC_ATTRIBUTES.get(n, set())) for n, u, k in own_metrics()]
+    found = {name for name, _, _, _ in metrics}
+    metrics += [(n, u, k, a) for n, (u, k, a) in WATCH_METRICS.items() if n not in found]
     series: dict[str, set[str]] = {}
     for name, metric_unit, kind, attributes in metrics:
         exposed = prometheus_name(name, metric_unit, kind)
@@ -730,6 +926,21 @@ PROMQL_WORDS = {
 }
 
 
+def series_problems(
+    where: str, metrics: set[str], labels: set[str], series: dict[str, set[str]]
+) -> list[str]:
+    """What a query or rule reads that the collector does not expose: a series, or a label."""
+    problems = []
+    for metric in sorted(metrics):
+        if metric not in series:
+            problems.append(f"{where}: no such series {metric}")
+        else:
+            problems += [
+                f"{where}: {metric} has no label {lb}" for lb in sorted(labels - series[metric])
+            ]
+    return problems
+
+
 def promql_names(expr: str) -> tuple[set[str], set[str]]:
     """(metric names, label names) a PromQL expression (or Grafana label_values()) refers to."""
     metrics, labels = set(), set()
@@ -764,14 +975,22 @@ def test_promql_name_extraction() -> None:
     )
 
 
-def dashboard_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str, str | None]]:
-    """(where, query, datasource uid) of every panel target and templating query."""
+def panel_targets(dashboard: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], str | None]]:
+    """(where, target, datasource uid) of every panel target, rows' panels included."""
     for panel in dashboard.get("panels") or []:
         for inner in [panel, *(panel.get("panels") or [])]:
             default_uid = (inner.get("datasource") or {}).get("uid")
             for target in inner.get("targets") or []:
                 uid = (target.get("datasource") or {}).get("uid", default_uid)
-                yield f"panel {inner.get('title')!r} {target.get('refId')}", target["expr"], uid
+                yield f"panel {inner.get('title')!r} {target.get('refId')}", target, uid
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str, str | None]]:
+    """(where, query, datasource uid) of every PromQL panel target and templating query (SQL
+    targets, ``rawSql``, are run against PostgreSQL instead: see :func:`sql_targets`)."""
+    for where, target, uid in panel_targets(dashboard):
+        if "expr" in target:
+            yield where, target["expr"], uid
     for variable in (dashboard.get("templating") or {}).get("list") or []:
         query = variable.get("query")
         query = query.get("query") if isinstance(query, dict) else query
@@ -793,12 +1012,7 @@ def dashboard_problems(
         if uid not in uids:
             problems.append(f"{where}: datasource {uid!r} is not provisioned")
         metrics, labels = promql_names(query)
-        for metric in sorted(metrics):
-            if metric not in series:
-                problems.append(f"{where}: no such series {metric}")
-            else:
-                problems += [f"{where}: {metric} has no label {lb}"
-                             for lb in sorted(labels - series[metric])]  # fmt: skip
+        problems += series_problems(where, metrics, labels, series)
         for prefix in re.findall(r'span_name=~?"([^"]*?) ?\.\*"', query):
             if prefix not in SPAN_PREFIXES:
                 problems.append(f"{where}: we emit no span named {prefix!r} ...")
@@ -818,20 +1032,34 @@ def dashboards() -> list[dict[str, Any]]:
 
 
 def test_grafana_datasources_point_at_the_compose_backends() -> None:
-    """Prometheus, Tempo and Jaeger are provisioned, with unique uids, at their service ports."""
+    """Prometheus, Tempo and Jaeger are provisioned, with unique uids, at their service ports;
+    the audit datasource at the compose PostgreSQL and the database the app services write to,
+    as the read-only role the postgres init script creates."""
     sources = provisioned_datasources()
     expected = {
         "prometheus": ("prometheus", 9090),
         "tempo": ("tempo", 3200),
         "jaeger": ("jaeger", 16686),
+        POSTGRES_TYPE: ("postgres", 5432),
     }
     assert {ds["type"] for ds in sources} >= set(expected)
     uids = [ds["uid"] for ds in sources]
     assert len(uids) == len(set(uids))
     for ds in sources:
         assert host_port(ds["url"]) == expected[ds["type"]], ds
-        port = expected[ds["type"]][1]
-        assert f"{port}:{port}" in services()[ds["type"]]["ports"]
+        if ds["type"] != POSTGRES_TYPE:
+            port = expected[ds["type"]][1]
+            assert f"{port}:{port}" in services()[ds["type"]]["ports"]
+    [audit] = [ds for ds in sources if ds["type"] == POSTGRES_TYPE]
+    assert audit["uid"] == "audit"
+    app_url = urlsplit(services()["worker"]["environment"]["OTEL_CELERY_PUBLISH_AUDIT_URL"])
+    assert audit["jsonData"]["database"] == app_url.path.lstrip("/")
+    assert audit["jsonData"]["database"] == services()["postgres"]["environment"]["POSTGRES_DB"]
+    init = (DEPLOY / "postgres" / "grafana-reader.sql").read_text()
+    role = re.search(r"CREATE ROLE (\w+) LOGIN PASSWORD '([^']*)'", init)
+    assert role is not None
+    assert (audit["user"], audit["secureJsonData"]["password"]) == role.groups()
+    assert ("./deploy/postgres", "/docker-entrypoint-initdb.d") in mounts(services()["postgres"])
 
 
 def test_grafana_dashboard_provider_reads_the_mounted_dashboards() -> None:
@@ -850,14 +1078,40 @@ def test_grafana_dashboard_provider_reads_the_mounted_dashboards() -> None:
 
 
 def test_dashboard_queries_use_series_the_collector_exposes() -> None:
-    """Every metric and label in the dashboard's queries is one the collector will expose."""
+    """Every metric and label in the dashboards' PromQL is one the collector will expose: the
+    span metrics and our histograms (celery-tasks), the watchdog's metrics (celery-audit)."""
     series = exposed_series()
     uids = {ds["uid"] for ds in provisioned_datasources()}
+    exprs = {}
     for dashboard in dashboards():
         assert dashboard_problems(dashboard, series, uids) == []
-        exprs = " ".join(query for _, query, _ in dashboard_queries(dashboard))
-        assert 'span_name=~"queue wait .*"' in exprs and 'span_name=~"process .*"' in exprs
-        assert "celery_task_queue_wait_duration_seconds" in exprs
+        exprs[dashboard["uid"]] = " ".join(query for _, query, _ in dashboard_queries(dashboard))
+    tasks, audit = exprs["otel-celery-publish"], exprs["otel-celery-publish-audit"]
+    assert 'span_name=~"queue wait .*"' in tasks and 'span_name=~"process .*"' in tasks
+    assert "celery_task_queue_wait_duration_seconds" in tasks
+    for name in ("celery_audit_lost", "celery_audit_dead_lettered", "celery_audit_replayed_total"):
+        assert re.search(rf"\b{name}\b", audit), name
+
+
+def test_every_dashboard_target_is_checked_promql_or_sql() -> None:
+    """Each panel target is PromQL on a Prometheus datasource (checked above) or raw SQL on
+    the audit PostgreSQL datasource (run by the tests below): nothing goes unchecked. Dashboard
+    uids are unique."""
+    kinds = {ds["uid"]: ds["type"] for ds in provisioned_datasources()}
+    found = set()
+    for dashboard in dashboards():
+        for where, target, uid in panel_targets(dashboard):
+            kind = kinds.get(str(uid))
+            if "expr" in target:
+                assert kind == "prometheus", where
+                found.add("promql")
+            else:
+                assert kind == POSTGRES_TYPE and target.get("rawQuery") is True, where
+                assert target["rawSql"].strip() and target.get("format") in {"table", "time_series"}
+                found.add("sql")
+    assert found == {"promql", "sql"}
+    uids = [d["uid"] for d in dashboards()]
+    assert len(uids) == len(set(uids))
 
 
 @pytest.mark.parametrize(
@@ -1092,3 +1346,420 @@ def test_verify_stack_runs_its_checks_in_order(
     else:
         assert result.returncode == 1
         assert "audit row outcome is 'failed'" in result.stderr
+
+
+# -- the audit dashboard's SQL, run against a migrated audit table --------------------------------
+
+AUDIT_DASHBOARD = DASHBOARDS / "celery-audit.json"
+_MACRO = re.compile(r"\$(__\w+)\(([^)]*)\)")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def grafana_time(value: dt.datetime) -> str:
+    """A time as Grafana's macros print it (Go's RFC3339Nano in UTC)."""
+    return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def grafana_sql(sql: str, start: dt.datetime, end: dt.datetime, variables: dict[str, str]) -> str:
+    """``sql`` as Grafana's PostgreSQL datasource runs it: template variables interpolated
+    (``$name``, ``${name}``), then the macros expanded as the plugin's macro engine expands
+    them (``$__timeFilter(c)`` is ``c BETWEEN 'from' AND 'to'``, ``$__timeGroup(c, 1m)`` is
+    ``floor(extract(epoch from c)/60)*60``). A macro this does not know fails the test."""
+
+    def variable(match: re.Match[str]) -> str:
+        return variables[match.group(1) or match.group(2)]
+
+    def macro(match: re.Match[str]) -> str:
+        name, args = match.group(1), [a.strip() for a in match.group(2).split(",")]
+        if name == "__timeFilter":
+            return f"{args[0]} BETWEEN '{grafana_time(start)}' AND '{grafana_time(end)}'"
+        if name in {"__timeFrom", "__timeTo"}:
+            return f"'{grafana_time(start if name == '__timeFrom' else end)}'"
+        if name in {"__timeGroup", "__timeGroupAlias"}:
+            interval = args[1].strip("'")
+            seconds = int(interval[:-1]) * _UNITS[interval[-1]]
+            group = f"floor(extract(epoch from {args[0]})/{seconds})*{seconds}"
+            return group + (' AS "time"' if name == "__timeGroupAlias" else "")
+        raise AssertionError(f"Grafana macro ${name} is not emulated here")
+
+    interpolated = re.sub(r"\$\{(\w+)\}|\$(?!__)([a-zA-Z_]\w*)", variable, sql)
+    expanded = _MACRO.sub(macro, interpolated)
+    assert "$" not in expanded, expanded
+    return expanded
+
+
+def test_grafana_sql_expands_like_grafana() -> None:
+    """The emulation prints what the plugin's macro engine prints, and refuses what it lacks."""
+    start = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.timezone.utc)
+    end = start + dt.timedelta(minutes=5, microseconds=250)
+    sql = "SELECT $__timeGroupAlias(t, 1m), $x FROM a WHERE $__timeFilter(t) AND ${x} > 1"
+    assert grafana_sql(sql, start, end, {"x": "7"}) == (
+        'SELECT floor(extract(epoch from t)/60)*60 AS "time", 7 FROM a WHERE t BETWEEN '
+        "'2026-11-24T12:00:00Z' AND '2026-11-24T12:05:00.000250Z' AND 7 > 1"
+    )
+    with pytest.raises(AssertionError, match="not emulated"):
+        grafana_sql("SELECT $__unixEpochFilter(t)", start, end, {})
+
+
+def sql_targets(dashboard: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Panel title -> its SQL target (one each)."""
+    found: dict[str, dict[str, Any]] = {}
+    for where, target, _ in panel_targets(dashboard):
+        if "rawSql" in target:
+            title = where.split("'")[1]
+            assert title not in found, f"{title}: one SQL target per panel"
+            found[title] = target
+    return found
+
+
+def dashboard_variables(dashboard: dict[str, Any]) -> dict[str, str]:
+    """The dashboard's variables at their default (current) values."""
+    return {v["name"]: str(v["current"]["value"]) for v in dashboard["templating"]["list"]}
+
+
+@pytest.fixture
+def audit_pg(pg_url: str) -> Iterator[Settings]:
+    """The default audit table, ``celery_publish_audit`` as the dashboard names it, created by
+    our migrations in a PostgreSQL schema of this test's own (first on the search path)."""
+    schema = f"dash_{uuid.uuid4().hex[:10]}"
+    admin = make_engine(pg_url)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    settings = migrated(f"{pg_url}?options=-csearch_path%3D{schema}")
+    yield settings
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    admin.dispose()
+
+
+def run_panel(
+    settings: Settings,
+    title: str,
+    start: dt.datetime,
+    end: dt.datetime,
+    **variables: str,
+) -> list[dict[str, Any]]:
+    """The SQL of panel ``title`` of the audit dashboard, expanded as Grafana would, run."""
+    dashboard = json.loads(AUDIT_DASHBOARD.read_text())
+    target = sql_targets(dashboard)[title]
+    sql = grafana_sql(target["rawSql"], start, end, {**dashboard_variables(dashboard), **variables})
+    engine = make_engine(settings.audit_url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r) for r in conn.exec_driver_sql(sql).mappings()]
+    finally:
+        engine.dispose()
+
+
+def test_every_sql_panel_is_run_by_a_test() -> None:
+    """The SQL panels are exactly the ones the tests below run (a new one needs a test)."""
+    assert set(sql_targets(json.loads(AUDIT_DASHBOARD.read_text()))) == {
+        LOST_PANEL, DEAD_PANEL, THROUGHPUT_PANEL, QUEUES_PANEL, WAIT_PANEL,
+    }  # fmt: skip
+    assert all(not sql_targets(d) for d in dashboards() if d["uid"] != "otel-celery-publish-audit")
+
+
+LOST_PANEL = "Lost tasks (audit table)"
+DEAD_PANEL = "Dead letters waiting for a person (any age)"
+THROUGHPUT_PANEL = "Published vs processed per queue, per minute"
+QUEUES_PANEL = "Per queue over the range"
+WAIT_PANEL = "Mean time in queue per queue"
+
+
+def lost_rows() -> tuple[list[dict[str, Any]], dict[str, str | None]]:
+    """Rows covering lost's rules, and what the lost panel must say of each: its reason, or
+    None for a row it must not list."""
+    sent = {"sent_at": ago(30)}
+    retried = row(published_at=ago(30), **sent)
+    replayed = row(published_at=ago(30), **sent)
+    cases: list[tuple[str | None, dict[str, Any]]] = [
+        ("not_received", row(published_at=ago(30), **sent)),
+        (None, row(published_at=ago(2), sent_at=ago(2))),  # too young
+        ("not_sent", row(published_at=ago(30))),
+        ("expired", row(published_at=ago(30), expires=ago(20), **sent)),
+        (None, row(published_at=ago(30), eta=ago(-5), **sent)),  # its ETA is still ahead
+        (None, row(published_at=ago(40), eta=ago(5), **sent)),  # due 5 minutes ago only
+        ("not_received", row(published_at=ago(40), eta=ago(30), **sent)),  # due 30 minutes ago
+        ("not_started", row(published_at=ago(31), received_at=ago(30), **sent)),
+        (None, row(published_at=ago(31), received_at=ago(5), **sent)),  # received lately
+        ("not_finished", row(published_at=ago(31), received_at=ago(31), started_at=ago(30))),
+        (
+            None,
+            row(published_at=ago(31), started_at=ago(30), finished_at=ago(29), outcome="succeeded"),
+        ),
+        # The pool child died running it: the worker says so, listed at once.
+        (
+            "worker_lost",
+            row(
+                published_at=ago(1),
+                started_at=ago(1),
+                finished_at=ago(1),
+                outcome="failed",
+                lost_reason="worker_lost",
+            ),
+        ),
+        (None, row(published_at=ago(30), replayed_at=ago(20), **sent)),  # replayed
+        # Retried: only the later attempt counts, and it finished.
+        (None, retried),
+        (
+            None,
+            row(
+                task_id=retried["task_id"],
+                attempt=1,
+                published_at=ago(29),
+                finished_at=ago(28),
+                outcome="succeeded",
+            ),
+        ),
+        # Replayed by a row that reached the broker, though the original's replayed_at was lost.
+        (None, replayed),
+        (
+            None,
+            row(
+                replay_of=replayed["publish_id"],
+                published_at=ago(20),
+                sent_at=ago(20),
+                finished_at=ago(19),
+                outcome="succeeded",
+            ),
+        ),
+        ("not_received", row(published_at=ago(30), dead_lettered_at=ago(15), **sent)),
+        (None, row(published_at=ago(75), **sent)),  # before the dashboard's range
+    ]
+    return [r for _, r in cases], {r["task_id"]: reason for reason, r in cases}
+
+
+def test_lost_panel_lists_what_audit_lost_lists(audit_pg: Settings) -> None:
+    """The lost-tasks panel's SQL, run as Grafana runs it, lists each stuck row with lost's
+    reason, its trace id and dead-letter time; nothing that is young, not due, finished,
+    replayed or retried; and the same tasks and reasons as ``audit lost`` (no heartbeats
+    involved, where the panel's simplification and lost agree)."""
+    rows, expected = lost_rows()
+    seed(audit_pg, *rows)
+    start, end = ago(60), NOW + dt.timedelta(minutes=1)
+    found = run_panel(audit_pg, LOST_PANEL, start, end)
+    listed = {r["task id"]: r["reason"] for r in found}
+    assert listed == {task: reason for task, reason in expected.items() if reason}
+    by_id = {r["task_id"]: r for r in rows}
+    for r in found:
+        assert r["trace id"] == by_id[r["task id"]]["trace_id"]
+        assert r["queue"] == by_id[r["task id"]]["queue"]
+    dead = [r for r in found if r["dead-lettered"] is not None]
+    assert len(dead) == 1 and dead[0]["dead-lettered"] == ago(15)
+    assert [r["published"] for r in found] == sorted(r["published"] for r in found)
+    from_api = audit.lost(settings=audit_pg, older_than=dt.timedelta(minutes=10), since=start)
+    assert {t.task_id: t.reason for t in from_api} == listed
+    shorter = run_panel(audit_pg, LOST_PANEL, start, end, older_than="1")
+    assert len(shorter) == len(found) + 3  # the young, the lately due, the lately received
+
+
+def test_dead_letter_panel_lists_unreplayed_dead_letters_of_any_age(audit_pg: Settings) -> None:
+    """Dead-lettered rows nobody has replayed since are listed newest first, whatever the
+    dashboard's range; one a person replayed, and rows never dead-lettered, are not."""
+    old = row(published_at=ago(600), sent_at=ago(600), dead_lettered_at=ago(500))
+    new = row(published_at=ago(30), sent_at=ago(30), dead_lettered_at=ago(10))
+    handled = row(published_at=ago(30), sent_at=ago(30), dead_lettered_at=ago(12),
+                  replayed_at=ago(5))  # fmt: skip
+    seed(audit_pg, old, new, handled, row(published_at=ago(30), sent_at=ago(30)))
+    found = run_panel(audit_pg, DEAD_PANEL, ago(60), NOW)
+    assert [r["task id"] for r in found] == [new["task_id"], old["task_id"]]
+    assert [r["dead-lettered"] for r in found] == [ago(10), ago(500)]
+    assert found[0]["trace id"] == new["trace_id"]
+
+
+# A minute-aligned range of ten minutes, half an hour ago.
+M0 = NOW.replace(second=0) - dt.timedelta(minutes=30)
+
+
+def at(minutes: float, seconds: float = 0) -> dt.datetime:
+    return M0 + dt.timedelta(minutes=minutes, seconds=seconds)
+
+
+def throughput_rows() -> list[dict[str, Any]]:
+    def attempt(queue: str | None, published: dt.datetime, finished: dt.datetime | None = None,
+                outcome: str = "succeeded") -> dict[str, Any]:  # fmt: skip
+        done = {"finished_at": finished, "outcome": outcome} if finished else {}
+        return row(queue=queue, published_at=published, **done)
+
+    return [
+        attempt("qa", at(0, 10), at(0, 50)),
+        attempt("qa", at(0, 20), at(1, 5)),
+        attempt("qa", at(3)),  # never finished
+        attempt("qa", at(3, 30), at(3, 40), outcome="failed"),  # processed all the same
+        attempt("qa", at(9, 50), at(10, 30)),  # finished after the range: not processed
+        attempt("qa", at(-1), at(0, 30)),  # published before the range: neither
+        attempt("qb", at(2), at(5)),
+        attempt(None, at(4, 10), at(4, 20)),  # no queue recorded
+    ]
+
+
+def test_published_vs_processed_panel_matches_audit_stats(audit_pg: Settings) -> None:
+    """Per queue and minute: published by publish minute, processed (any outcome, finished in
+    the range, among those published in it) by finish minute; the same counts as
+    ``audit stats``' per-minute queues."""
+    seed(audit_pg, *throughput_rows())
+    found = run_panel(audit_pg, THROUGHPUT_PANEL, at(0), at(10))
+    got = {(int(r["time"]), r["metric"]): int(r["value"]) for r in found}
+    epoch = at(0).timestamp()
+    expected = {
+        ("published qa", 0): 2, ("published qa", 3): 2, ("published qa", 9): 1,
+        ("processed qa", 0): 1, ("processed qa", 1): 1, ("processed qa", 3): 1,
+        ("published qb", 2): 1, ("processed qb", 5): 1,
+        ("published (no queue)", 4): 1, ("processed (no queue)", 4): 1,
+    }  # fmt: skip
+    assert got == {
+        (int(epoch) + 60 * minute, metric): n for (metric, minute), n in expected.items()
+    }
+    assert [(r["time"], r["metric"]) for r in found] == sorted(
+        (r["time"], r["metric"]) for r in found
+    )
+    api = audit.stats(settings=audit_pg, since=at(0), until=at(10), now=NOW)
+    from_api = {
+        (int(m.minute.timestamp()), f"{kind} {q.queue or '(no queue)'}"): n
+        for q in api.queues
+        for m in q.minutes
+        for kind, n in (("published", m.published), ("processed", m.processed))
+        if n
+    }
+    assert from_api == got
+
+
+def timed_rows() -> list[dict[str, Any]]:
+    """Rows with lifecycle edges, for time in queue and processing time."""
+
+    def attempt(queue: str, published: dt.datetime, started: float | None = None,
+                finished: float | None = None, **fields: Any) -> dict[str, Any]:  # fmt: skip
+        edges = {}
+        if started is not None:
+            edges["started_at"] = published + dt.timedelta(seconds=started)
+        if finished is not None:
+            edges["finished_at"] = published + dt.timedelta(seconds=finished)
+            edges["outcome"] = fields.pop("outcome", "succeeded")
+        if "eta" in fields:
+            fields["eta"] = published + dt.timedelta(seconds=fields["eta"])
+        return row(queue=queue, published_at=published, **edges, **fields)
+
+    return [
+        attempt("qa", at(1), 2, 3, runtime_s=1.0),  # in queue 2 s, processing 1 s
+        attempt("qa", at(2), 61, 65, eta=60),  # countdown 60 s: in queue 1 s; processing 4 s
+        attempt("qa", at(3), 0.5, 1, runtime_s=0.25, outcome="failed"),
+        attempt("qa", at(4)),  # not started: in neither
+        attempt("qa", at(5), -1, 1),  # publisher's clock ahead: 0 s in queue; processing 2 s
+        attempt("qb", at(6), 10, 11, runtime_s=1.0),
+    ]
+
+
+def expected_in_queue(r: dict[str, Any]) -> float | None:
+    """Time in queue by timing.py's definition (started - ready), from the seeded row."""
+    if r.get("started_at") is None:
+        return None
+    eta = r.get("eta")
+    edges = timing.edges(
+        r["published_at"].timestamp(),
+        None if eta is None else eta.timestamp(),
+        None,
+        r["started_at"].timestamp(),
+    )
+    assert edges.started is not None
+    return edges.started - edges.ready
+
+
+def percentile_cont(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    position = p * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def test_queue_table_and_time_in_queue_panels(audit_pg: Settings) -> None:
+    """Per queue: published, processed, failed, mean and p95 time in queue (from when it was
+    due, timing.py's edges: a countdown does not count, clock skew counts as 0) and processing
+    time (runtime_s, else finished - started), exact; per minute, the mean time in queue."""
+    rows = timed_rows()
+    seed(audit_pg, *rows)
+    table = {r["queue"]: r for r in run_panel(audit_pg, QUEUES_PANEL, at(0), at(10))}
+    assert list(table) == ["qa", "qb"]
+    in_queue = {q: [w for r in rows if r["queue"] == q
+                    if (w := expected_in_queue(r)) is not None] for q in table}  # fmt: skip
+    assert in_queue["qa"] == pytest.approx([2, 1, 0.5, 0])
+    processing = {"qa": [1.0, 4.0, 0.25, 2.0], "qb": [1.0]}
+    for queue, published, processed, failed in (("qa", 5, 4, 1), ("qb", 1, 1, 0)):
+        got = table[queue]
+        assert (got["published"], got["processed"], got["failed"]) == (published, processed, failed)
+        waits, runs = in_queue[queue], processing[queue]
+        assert float(got["avg time in queue"]) == pytest.approx(sum(waits) / len(waits))
+        assert float(got["p95 time in queue"]) == pytest.approx(percentile_cont(waits, 0.95))
+        assert float(got["avg processing"]) == pytest.approx(sum(runs) / len(runs))
+        assert float(got["p95 processing"]) == pytest.approx(percentile_cont(runs, 0.95))
+    series = run_panel(audit_pg, WAIT_PANEL, at(0), at(10))
+    got_series = {(int(r["time"]), r["metric"]): float(r["value"]) for r in series}
+    expected_series = {
+        (int(r["published_at"].timestamp()), r["queue"]): expected_in_queue(r)
+        for r in rows
+        if r.get("started_at") is not None
+    }
+    assert got_series == pytest.approx(expected_series)
+
+
+def test_trace_links_open_jaeger_and_tempo() -> None:
+    """The trace id columns link to Jaeger's trace page on its published port and to the trace
+    in Grafana's Explore on the provisioned Tempo datasource."""
+    dashboard = json.loads(AUDIT_DASHBOARD.read_text())
+    tables = [
+        p
+        for p in dashboard["panels"]
+        if p["type"] == "table"
+        and any('AS "trace id"' in target.get("rawSql", "") for target in p["targets"])
+    ]
+    assert [p["title"] for p in tables] == [LOST_PANEL, DEAD_PANEL]
+    linked = 0
+    for panel in tables:
+        for override in panel["fieldConfig"]["overrides"]:
+            if override["matcher"] != {"id": "byName", "options": "trace id"}:
+                continue
+            [links] = [p["value"] for p in override["properties"] if p["id"] == "links"]
+            jaeger, tempo = (urlsplit(link["url"]) for link in links)
+            assert (jaeger.hostname, jaeger.port) == ("localhost", 16686)
+            assert "16686:16686" in services()["jaeger"]["ports"]
+            assert jaeger.path == "/trace/${__value.raw}"
+            panes = json.loads(parse_qs(tempo.query)["panes"][0])
+            [query] = [q for pane in panes.values() for q in pane["queries"]]
+            assert query["datasource"]["uid"] == "tempo" and query["query"] == "${__value.raw}"
+            assert "tempo" in {ds["uid"] for ds in provisioned_datasources()}
+            linked += 1
+    assert linked == len(tables)
+
+
+def test_grafana_reader_role_can_read_the_audit_table_and_nothing_more(pg_url: str) -> None:
+    """deploy/postgres/grafana-reader.sql (run in one transaction, rolled back) makes a role
+    that can SELECT from a table postgres creates afterwards, as the migrate service does, and
+    cannot write to it."""
+    # psycopg itself: the script is sent as psql would send it (its % are no placeholders).
+    with psycopg.connect(pg_url.replace("+psycopg", "")) as conn:
+        try:
+            conn.execute((DEPLOY / "postgres" / "grafana-reader.sql").read_text().encode())
+            conn.execute(b"CREATE TABLE dash_reader_probe (a int)")
+            conn.execute(b"INSERT INTO dash_reader_probe VALUES (1)")
+            conn.execute(b"SET ROLE grafana_reader")
+            assert conn.execute(b"SELECT a FROM dash_reader_probe").fetchone() == (1,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
+                conn.execute(b"INSERT INTO dash_reader_probe VALUES (2)")
+        finally:
+            conn.rollback()
+
+
+def test_watch_service_exports_the_metrics_the_alerts_read() -> None:
+    """The compose stack runs ``audit watch`` under opentelemetry-instrument against the same
+    database and collector as the worker, so celery_audit_* reach Prometheus."""
+    svcs = services()
+    watch = svcs["watch"]
+    assert command_list(watch)[:6] == [
+        "opentelemetry-instrument", "celery", "-A", "examples.stack.app", "audit", "watch",
+    ]  # fmt: skip
+    env = watch["environment"]
+    worker_env = svcs["worker"]["environment"]
+    for key in ("OTEL_CELERY_PUBLISH_AUDIT_URL", "OTEL_EXPORTER_OTLP_ENDPOINT", "STACK_BROKER_URL"):
+        assert env[key] == worker_env[key], key
+    assert env["OTEL_METRICS_EXPORTER"] == "otlp"
+    assert watch["depends_on"]["migrate"]["condition"] == "service_completed_successfully"

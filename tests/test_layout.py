@@ -250,6 +250,10 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
         "a replay is a publish on the record: it instruments the process for the sends if it "
         "is not already; imported inside publishing(), only when a replay sends"
     ),
+    (f"{PACKAGE}.contrib.django.apps", f"{PACKAGE}.instrumentor"): (
+        "at django.setup() the Django app re-instruments an instrumentation set up before "
+        "Django's settings existed (opentelemetry-instrument); imported inside reinstrument()"
+    ),
 }
 
 

@@ -351,12 +351,27 @@ DOCUMENTED_DEFAULTS = [
             [
                 "password",
                 "passwd",
+                "passphrase",
                 "secret",
                 "token",
                 "api_key",
                 "apikey",
                 "authorization",
+                "cookie",
+                "session_id",
+                "private_key",
                 "credit_card",
+                "card_number",
+                "cardnumber",
+                "cvv",
+                "cvc",
+                "pan",
+                "ssn",
+                "social_security",
+                "iban",
+                "account_number",
+                "routing_number",
+                "pin",
             ]
         ),
     ),
@@ -369,6 +384,10 @@ DOCUMENTED_DEFAULTS = [
     ("max_payload_bytes", 1048576),
     ("heartbeat_interval", 30.0),
     ("trace_url", ""),
+    ("autoreplay", ()),
+    ("autoreplay_min_age", 600.0),
+    ("autoreplay_max", 3),
+    ("autoreplay_rate", 10.0),
 ]
 
 

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 
 from tests.conftest import audit_rows, wait_row, worker_telemetry_env
 from tests.otlp_receiver import Receiver, Span, wait_for
-from tests.test_deploy import OWN_METRIC_ATTRIBUTES
+from tests.test_deploy import WORKER_METRIC_ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -206,5 +206,5 @@ def test_stack_worker_and_producer_emit_traces_rows_and_metrics(
     with receiver.lock:
         ours = [(metric, attrs) for metric, _, attrs, _ in receiver.histograms
                 if attrs.get("messaging.destination.name") == stack.queue]  # fmt: skip
-    assert {metric for metric, _ in ours} == set(OWN_METRIC_ATTRIBUTES)
-    assert all(set(attrs) <= OWN_METRIC_ATTRIBUTES[metric] for metric, attrs in ours)
+    assert {metric for metric, _ in ours} == set(WORKER_METRIC_ATTRIBUTES)
+    assert all(set(attrs) <= WORKER_METRIC_ATTRIBUTES[metric] for metric, attrs in ours)

@@ -5,27 +5,44 @@ Every value is checked once, when the settings are built (``instrument()``, ``Se
 naming the variable (``OTEL_CELERY_PUBLISH_<NAME>``) or the keyword and what it accepts; a
 keyword that is no setting raises :class:`TypeError` naming it (with a "did you mean" hint), as
 Python does for any unexpected keyword. Nothing is checked on the publish path.
+
+Where a value comes from, first found wins: an ``instrument()`` keyword, then the variable
+``OTEL_CELERY_PUBLISH_<NAME>``, then Django's settings (when the Django app
+``otel_celery_publish.contrib.django`` is installed, see :mod:`.contrib.django._layer`), then the
+default. Django is consulted only in a process that already configured it: this module never
+imports Django nor makes it load its settings (``instrument()`` under ``opentelemetry-instrument``
+runs before a project's settings exist; the Django app re-resolves at ``django.setup()``, see
+:meth:`Settings.refreshed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import math
 import os
 import re
 import string
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 Durability = Literal["sync", "spool", "async"]
 DURABILITIES: tuple[str, ...] = ("sync", "spool", "async")
 
 ENV_PREFIX = "OTEL_CELERY_PUBLISH_"
+# Matched as substrings of a normalised name (:func:`~otel_celery_publish.redaction.is_sensitive`):
+# ``token`` covers ``access_token``, ``card_number`` covers ``credit_card_number``.
 DEFAULT_REDACT_KEYS = frozenset(
-    {"password", "passwd", "secret", "token", "api_key", "apikey", "authorization", "credit_card"}
-)
+    {
+        "password", "passwd", "passphrase", "secret", "token", "api_key", "apikey",
+        "authorization", "cookie", "session_id", "private_key", "credit_card", "card_number",
+        "cardnumber", "cvv", "cvc", "pan", "ssn", "social_security", "iban", "account_number",
+        "routing_number", "pin",
+    }
+)  # fmt: skip
 # Keywords ``instrument()`` hands to ``from_env`` that are not settings: the providers (used by
 # the instrumentor; a distro may pass the logger/event ones to every instrumentor) and
 # BaseInstrumentor's own switches, should a caller reach ``_instrument`` without it popping them.
@@ -89,6 +106,8 @@ def table_identifiers(table_name: str) -> tuple[str, ...]:
         f"ix_{table_name}_task_id",
         f"ix_{table_name}_unfinished",
         f"ix_{table_name}_replay_of",
+        f"ix_{table_name}_group_id",
+        f"ix_{table_name}_root_id",
         f"{table_name}_stage",
         f"{table_name}_alembic_version",
         f"{table_name}_alembic_version_pkc",
@@ -146,6 +165,18 @@ class Settings:
     db_timeout: float = 2.0
     heartbeat_interval: float = 30.0
     trace_url: str = ""
+    #: ``audit watch``: which lost tasks it replays by itself (:class:`AutoreplayRule`); none
+    #: by default: nothing is replayed automatically unless configured.
+    autoreplay: tuple[AutoreplayRule, ...] = ()
+    autoreplay_min_age: float = 600.0
+    autoreplay_max: int = 3
+    autoreplay_rate: float = 10.0
+
+    # How from_env built these settings, when it read no Django settings for want of a
+    # configured Django: (the environment given, or None for os.environ; its keywords), so that
+    # refreshed() can resolve them again once Django is set up. Not a field: no part of the
+    # value, its equality or its repr; absent from settings built any other way.
+    _unlayered: ClassVar[tuple[Mapping[str, str] | None, dict[str, Any]] | None] = None
 
     def __post_init__(self) -> None:
         # Normalises too (a list of redact keys becomes a frozenset, "2" seconds 2.0), so a
@@ -156,36 +187,57 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Build from the environment, then apply non-None ``overrides`` (instrument() kwargs).
+        """Build from non-None ``overrides`` (instrument() kwargs), then the environment, then
+        Django's settings (see the module docstring), then the defaults.
 
         An empty variable counts as unset. Keywords other than the fields and
         :data:`PASS_THROUGH_KEYWORDS` raise :class:`TypeError` naming them, so a misspelt one
         is not silently ignored.
         """
-        environ = os.environ if environ is None else environ
+        source = os.environ if environ is None else environ
         _refuse_unknown(overrides)
+        django = _django_layer()
         values: dict[str, Any] = {}
         for name in _FIELDS:
             if overrides.get(name) is not None:
                 values[name] = _parse(name, overrides[name], f"keyword {name}")
                 continue
             variable = ENV_PREFIX + name.upper()
-            raw = environ.get(variable)
+            raw = source.get(variable)
             if raw is not None and raw.strip():
                 values[name] = _parse(name, raw, variable)
-        return cls(**values)
+            elif django is not None and (found := django.value(name)) is not None:
+                values[name] = _parse(name, *found)
+        settings = cls(**values)
+        if django is None:
+            keywords = {k: v for k, v in overrides.items() if k in _FIELDS and v is not None}
+            object.__setattr__(settings, "_unlayered", (environ, keywords))
+        return settings
+
+    def refreshed(self) -> Settings:
+        """These settings resolved again, now, if :meth:`from_env` built them while Django was
+        not configured (so without Django's settings); else these settings themselves.
+
+        ``instrument()`` under ``opentelemetry-instrument`` runs before a Django project's
+        settings exist: the Django app calls this at ``django.setup()`` and re-instruments
+        with the result when it differs. The keywords keep their precedence.
+        """
+        if self._unlayered is None:
+            return self
+        environ, keywords = self._unlayered
+        return type(self).from_env(environ, **keywords)
 
     @classmethod
     def resolve(cls, settings: Settings | None = None, **overrides: Any) -> Settings:
         """What ``instrument(**kwargs)`` runs with.
 
-        Without ``settings``: :meth:`from_env` (the environment, non-None keywords override
-        it). With ``settings``: those settings, the environment not read (a Settings is
-        complete: its defaults are values too, so nothing in it could tell the environment
-        where to apply), and non-None keywords override them as in :func:`dataclasses.replace`,
-        so ``instrument(settings=base, durability="async")`` is ``base`` in async mode.
-        Unknown keywords raise :class:`TypeError` naming them; a bad value
-        :class:`SettingsError`.
+        Without ``settings``: :meth:`from_env` (non-None keywords, then the environment, then
+        Django's settings). With ``settings``: those settings, neither the environment nor
+        Django read (a Settings is complete: its defaults are values too, so nothing in it
+        could tell the environment where to apply), and non-None keywords override them as in
+        :func:`dataclasses.replace`, so ``instrument(settings=base, durability="async")`` is
+        ``base`` in async mode. Unknown keywords raise :class:`TypeError` naming them; a bad
+        value :class:`SettingsError`.
         """
         if settings is None:
             return cls.from_env(**overrides)
@@ -216,6 +268,16 @@ def _refuse_unknown(keywords: Mapping[str, Any], also: tuple[str, ...] = ()) -> 
     raise TypeError(f"{subject.format(', '.join(named))}; valid: {', '.join(valid)}")
 
 
+def _django_layer() -> Any:
+    """Django's settings as a layer (:class:`~.contrib.django._layer.DjangoLayer`), or None.
+    Looked at only where ``django.conf`` is already imported: nothing else loads Django."""
+    if "django.conf" not in sys.modules:
+        return None
+    from otel_celery_publish.contrib.django._layer import DjangoLayer  # noqa: PLC0415
+
+    return DjangoLayer.current()
+
+
 # -- parsers: raw value (a string from the environment, or a kwarg) -> typed value ------------
 
 
@@ -227,6 +289,31 @@ class _Invalid(Exception):
 class _Rule:
     accepted: str
     parse: Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoreplayRule:
+    """One rule of ``AUTOREPLAY``: lost tasks whose name matches ``pattern`` (a glob) and whose
+    lost reason is in ``reasons`` (None: any reason) are replayed by ``audit watch``, to
+    ``queue`` when given (else to where they were first routed).
+
+    Written ``<glob>:<reason>,<reason>[@<queue>]`` or ``<glob>:all[@<queue>]``; rules are
+    separated by ``;`` and tried in order (the first that allows a task decides its queue and
+    is recorded on the row as ``replayed_by = "watchdog:<rule>"``).
+    """
+
+    pattern: str
+    reasons: frozenset[str] | None = None
+    queue: str | None = None
+
+    def allows(self, task_name: str, reason: str) -> bool:
+        return fnmatch.fnmatchcase(task_name, self.pattern) and (
+            self.reasons is None or reason in self.reasons
+        )
+
+    def __str__(self) -> str:
+        reasons = "all" if self.reasons is None else ",".join(sorted(self.reasons))
+        return f"{self.pattern}:{reasons}" + (f"@{self.queue}" if self.queue else "")
 
 
 def _parse(name: str, raw: Any, source: str) -> Any:
@@ -386,6 +473,54 @@ def _redact_keys(raw: Any) -> frozenset[str]:
     return keys
 
 
+_AUTOREPLAY_ACCEPTED = (
+    "';'-separated rules <task glob>:<reasons>[@<queue>], reasons a ','-separated list of lost "
+    "reasons or 'all', e.g. 'billing.*:not_received,not_sent@billing-retry;reports.*:all'"
+)
+_NAME_RE = re.compile(r"[^\s;:@,]{1,255}")  # a glob, a queue: printable, no separator
+_REASON_RE = re.compile(r"[a-z_]+")
+
+
+def _autoreplay(raw: Any) -> tuple[AutoreplayRule, ...]:
+    if isinstance(raw, (tuple, list)) and all(isinstance(r, AutoreplayRule) for r in raw):
+        rules = tuple(raw)
+        texts = [str(rule) for rule in rules]
+    elif isinstance(raw, str):
+        texts = [part.strip() for part in raw.split(";") if part.strip()]
+        rules = tuple(_autoreplay_rule(text) for text in texts)
+    else:
+        raise _Invalid
+    for rule in rules:
+        _autoreplay_rule(str(rule))  # a rule built in code is held to the same grammar
+    return rules
+
+
+def _autoreplay_rule(text: str) -> AutoreplayRule:
+    """``billing.*:not_received,not_sent@billing-retry`` (see :class:`AutoreplayRule`)."""
+    from otel_celery_publish.schema.table import LOST_REASONS  # noqa: PLC0415 - when set
+
+    head, at, queue = text.partition("@")
+    pattern, colon, listed = (part.strip() for part in head.partition(":"))
+    reasons = [r.strip() for r in listed.split(",")]
+    queue = queue.strip()
+    if not colon or not _NAME_RE.fullmatch(pattern) or (at and not _NAME_RE.fullmatch(queue)):
+        raise _Invalid(f"{_AUTOREPLAY_ACCEPTED} (in rule {text!r})")
+    if reasons == ["all"]:
+        return AutoreplayRule(pattern, None, queue or None)
+    unknown = [r for r in reasons if not _REASON_RE.fullmatch(r) or r not in LOST_REASONS]
+    if unknown:
+        raise _Invalid(
+            f"lost reasons from {', '.join(LOST_REASONS)} or 'all' (in rule {text!r}: "
+            f"{', '.join(map(repr, unknown))})"
+        )
+    return AutoreplayRule(pattern, frozenset(reasons), queue or None)
+
+
+def _rate(low: float, high: float) -> _Rule:
+    seconds = _seconds(low, high)
+    return _Rule(f"a number per second from {low:g} to {high:g}", seconds.parse)
+
+
 _RULES: dict[str, _Rule] = {
     "audit_url": _Rule(
         "a SQLAlchemy URL postgresql+psycopg://user@host/db or sqlite:///path", _audit_url
@@ -412,4 +547,8 @@ _RULES: dict[str, _Rule] = {
         "http://jaeger:16686/trace/{trace_id}",
         _trace_url,
     ),
+    "autoreplay": _Rule(_AUTOREPLAY_ACCEPTED, _autoreplay),
+    "autoreplay_min_age": _seconds(0, 7 * 86400),
+    "autoreplay_max": _count(1, 1000),
+    "autoreplay_rate": _rate(0.001, 100_000),
 }

@@ -6,7 +6,13 @@ script reads back and draws as timelines. It publishes a few tasks (success, cou
 retry, one routed to a queue nobody consumes), draws each trace, then runs the real
 ``celery -A otel_celery_publish.demo audit ...`` commands: ``lost`` finds the stranded task,
 ``replay`` re-sends it to the consumed queue, where it succeeds, ``stats`` reports latency
-percentiles and ``show`` the history of the replayed task.
+percentiles and ``show`` the history of the replayed task. It ends with the commands to try next
+on the run's own database, ready to paste.
+
+The demo keeps opentelemetry-instrumentation-celery (which the dev extras install) off with
+``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=celery``, for itself and its worker: otherwise its first
+line would be our warning that the official instrumentation is installed and kept off, about
+something the reader did not do.
 
 Run: ``python -m otel_celery_publish.demo`` (set ``OTEL_EXPORTER_OTLP_ENDPOINT`` to also export
 over OTLP/HTTP to a collector).
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -44,6 +51,7 @@ from otel_celery_publish.timeline import Bar, render
 
 DEMO_DIR = Path(os.environ.get("OCP_DEMO_DIR") or tempfile.gettempdir()) / "otel-celery-demo"
 QUEUE, NOBODY = "demo", "nobody-consumes-this"
+DISABLED = "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"
 
 
 def _make_app() -> Celery:
@@ -187,6 +195,53 @@ def _audit(*args: str) -> str:
     return done.stdout
 
 
+def _official_celery_instrumentation_off() -> None:
+    """Add ``celery`` to ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` for this process and the ones
+    it starts: the documented way to say the official instrumentation is off on purpose, which
+    silences ``supersede_official``'s warning (see the module docstring)."""
+    names = [n.strip() for n in os.environ.get(DISABLED, "").split(",") if n.strip()]
+    if "celery" not in names:
+        os.environ[DISABLED] = ",".join([*names, "celery"])
+
+
+def celery_command() -> str:
+    """This environment's ``celery`` as the reader's shell reaches it: ``celery`` when it is the
+    one on PATH, else its path (``make demo`` runs ``.venv/bin/python`` without activating)."""
+    mine = Path(sys.executable).parent / "celery"
+    if not mine.is_file():
+        return f"{shlex.quote(sys.executable)} -m celery"
+    on_path = shutil.which("celery")
+    if on_path and Path(on_path).resolve() == mine.resolve():
+        return "celery"
+    try:
+        return shlex.quote(str(mine.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(mine))
+
+
+def next_steps(stranded: str, failed: str) -> list[str]:
+    """What to try after the demo: the lines it prints last. The indented ones are commands on
+    this run's database that work as pasted (a test runs each); the rest point to the docs."""
+    audit = f"{celery_command()} -A otel_celery_publish.demo audit"
+    url = f"--audit-url {shlex.quote(audit_url())}"
+    return [
+        "Next steps: try the audit commands on this run's database (paste them as they are):",
+        f"    {audit} lost --older-than 0s {url}",
+        f"    {audit} show {stranded} {url}",
+        f"    {audit} stats --since 1h {url}",
+        f"    {audit} replay {failed} --dry-run {url}",
+        "  lost: nothing is stuck now; show: the stranded task and its replay; stats: the",
+        "  last hour; replay --dry-run: what re-sending the declined charge would send (nothing",
+        "  is sent).",
+        'On PostgreSQL and Redis: in your project, README.md "Use it in your project"',
+        "  (OTEL_CELERY_PUBLISH_AUDIT_URL=postgresql+psycopg://...,",
+        "  opentelemetry-instrument celery -A proj worker); with Docker, make stack-up &&",
+        "  make verify-stack runs a worker and a producer on PostgreSQL and Redis, with Jaeger",
+        "  and Grafana (docs/deploy.md).",
+        'Every audit command, its options and its JSON: README.md "Operations", docs/audit.md.',
+    ]
+
+
 def _show_trace(row: Any, spans: list[dict[str, Any]]) -> None:
     trace_spans = [s for s in spans if s["context"]["trace_id"] == "0x" + row.trace_id]
     print(f"\ntrace {row.trace_id}  {row.task_name}[{row.task_id[:8]}]")
@@ -194,6 +249,7 @@ def _show_trace(row: Any, spans: list[dict[str, Any]]) -> None:
 
 
 def main() -> int:
+    _official_celery_instrumentation_off()  # before our instrument() and the worker's
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     (DEMO_DIR / "broker").mkdir(parents=True)
     (DEMO_DIR / "processed").mkdir()
@@ -210,10 +266,11 @@ def main() -> int:
     try:
         print("1. publishing 5 tasks to a worker process over an embedded filesystem broker:")
         print("   a success, a countdown, a failure, a retry, and one to a queue nobody consumes")
+        failed = charge.delay("ada", card_token="tok_secret").id
         consumed = [
             add.delay(2, 3).id,
             add.apply_async((4, 5), countdown=0.5).id,
-            charge.delay("ada", card_token="tok_secret").id,
+            failed,
             flaky.delay().id,
         ]
         stranded = add.apply_async((6, 7), queue=NOBODY).id
@@ -248,7 +305,8 @@ def main() -> int:
         worker.send_signal(signal.SIGTERM)
         worker.wait(30)
     print("\ndemo finished: every task reached an outcome; the stranded one was found, "
-          "replayed and ran.")  # fmt: skip
+          "replayed and ran.\n")  # fmt: skip
+    print("\n".join(next_steps(stranded, failed)))
     return 0
 
 

@@ -15,10 +15,12 @@ from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]
     BaseInstrumentor,
 )
+from sqlalchemy.engine import make_url
 
 from otel_celery_publish import _guard
 from otel_celery_publish._guard import guard
 from otel_celery_publish.config import Settings
+from otel_celery_publish.hooks.canvas import CanvasHooks
 from otel_celery_publish.hooks.publish import PublishHooks
 from otel_celery_publish.hooks.worker import WorkerHooks
 from otel_celery_publish.package import _instruments
@@ -185,12 +187,22 @@ class CeleryPublishInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         ]
         for signal, receiver in self._receivers:
             signal.connect(receiver, weak=False)
+        self._canvas = CanvasHooks(tracer)
+        with guard("canvas install"):  # without it, a group is several traces, as before us
+            self._canvas.install()
         self._official = supersede_official()
+        logger.info(
+            "otel-celery-publish: instrumented; audit rows go to %s, table %s, durability %s",
+            make_url(settings.audit_url).render_as_string(hide_password=True),
+            settings.table_name,
+            settings.durability,
+        )
 
     def _uninstrument(self, **kwargs: Any) -> None:
         for signal, receiver in self._receivers:
             signal.disconnect(receiver)
         self._receivers = []
+        self._canvas.uninstall()
         self.heartbeat.stop(FLUSH_TIMEOUT_S)
         self.writer.close(FLUSH_TIMEOUT_S)
         if self._official is not None:

@@ -15,14 +15,26 @@ _MAX_DEPTH = 8
 def is_sensitive(name: str, keys: frozenset[str]) -> bool:
     """True when any configured key occurs in ``name``, case-insensitively ("token" masks
     "card_token"): redacting a little too much beats leaking a secret under a longer name.
-    A ``-`` counts as ``_``, so "api_key" masks the ``X-Api-Key`` header too."""
+    A ``-`` counts as ``_``, so "api_key" masks the ``X-Api-Key`` header too. A key of
+    :data:`WHOLE_WORD_MAX` characters or fewer ("ssn", "cvv", "pin", "iban") matches only as a
+    whole word between ``_`` (``user_ssn``, ``PIN``), not inside one (``classname``,
+    ``shipping``)."""
     return bool(keys) and _matcher(keys)(name.lower().replace("-", "_")) is not None
 
 
 @functools.lru_cache(maxsize=16)
 def _matcher(keys: frozenset[str]) -> Callable[[str], re.Match[str] | None]:
     """One regex search for all keys: faster than a loop of ``in`` on every name we check."""
-    return re.compile("|".join(re.escape(key.replace("-", "_")) for key in sorted(keys))).search
+    return re.compile("|".join(_pattern(key.replace("-", "_")) for key in sorted(keys))).search
+
+
+WHOLE_WORD_MAX = 4
+
+
+def _pattern(key: str) -> str:
+    if len(key) > WHOLE_WORD_MAX:
+        return re.escape(key)
+    return rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])"
 
 
 def redact(value: Any, keys: frozenset[str], _depth: int = 0) -> tuple[Any, bool]:

@@ -73,6 +73,9 @@ class PublishRow(RowKey):
     span_id: str | None
     error: str | None
     replay_of: str | None
+    app: str | None
+    broker: str | None
+    periodic_task: str | None
 
 
 class Sent(RowKey):
@@ -337,6 +340,11 @@ class PublishFacts:
     trace_id: str | None
     span_id: str | None
     replay_of: str | None = None
+    # The publishing app's ``main`` and broker URL without credentials (:mod:`.hooks._celery`).
+    app: str | None = None
+    broker: str | None = None
+    # The celery beat schedule entry that published it.
+    periodic_task: str | None = None
 
 
 def publish_row(facts: PublishFacts, policy: RowPolicy) -> PublishRow:
@@ -389,6 +397,9 @@ def publish_row(facts: PublishFacts, policy: RowPolicy) -> PublishRow:
         "span_id": facts.span_id,
         "error": error,
         "replay_of": facts.replay_of,
+        "app": facts.app,
+        "broker": facts.broker,
+        "periodic_task": facts.periodic_task,
     }
 
 

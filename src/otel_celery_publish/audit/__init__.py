@@ -5,7 +5,9 @@ command reference and the JSON shapes). Every function takes ``settings`` (defau
 ``Settings.from_env()``, i.e. ``OTEL_CELERY_PUBLISH_AUDIT_URL``, ``..._TABLE_NAME``...) and
 raises :class:`AuditError` (one line, no driver noise) for an unreachable database
 (:class:`DatabaseUnavailable`), a table that is not migrated (:class:`SchemaNotMigrated`) or an
-unknown task id (:class:`UnknownTask`). Times are aware UTC datetimes::
+unknown task id (:class:`UnknownTask`). Functions that take ``app`` need its task modules loaded
+(the CLI does it, as a worker does; from your own code call ``app.loader.import_default_modules()``
+first). Times are aware UTC datetimes::
 
     lost(*, settings, older_than=10m, since=1d, until, task (glob), queue, limit=100, now)
         -> list[LostTask]             stuck attempts, each with a ``reason``
@@ -23,6 +25,9 @@ unknown task id (:class:`UnknownTask`). Times are aware UTC datetimes::
     show(task_id, *, settings) -> TaskHistory
                                       every attempt and replay of one task; each
                                       ``Attempt.waits`` has its edges and waits
+    workflow(id, *, settings) -> Workflow
+                                      every task of a group, a chord (header and
+                                      callback) or a root id's tree, by publish time
     prune(*, older_than, settings, batch_size=5000, now) -> PruneResult
                                       retention, in short batches
     migrate_schema(*, settings) -> Migration
@@ -30,6 +35,14 @@ unknown task id (:class:`UnknownTask`). Times are aware UTC datetimes::
     drain(*, settings) -> int         ship the local spool now
     quarantined(*, settings) -> list[QuarantinedRecord]
                                       records the database refused, kept on disk
+    Watchdog(app, *, settings, meter_provider, check_results, since=1d, limit=100)
+        .run_once(*, dry_run, now) -> WatchReport
+        .run_forever(interval, *, dry_run, stop)
+                                      ``audit watch``: replay lost tasks by policy
+                                      (AUTOREPLAY, task option audit_autoreplay)
+    register_watch_task(app, name=WATCH_TASK, **options) -> Task
+    watch_once(app, *, dry_run) -> WatchReport
+                                      the same as a periodic task for a beat schedule
 
 Schema upgrades for code that already holds an engine (the writer):
 :func:`otel_celery_publish.schema.migrate.upgrade`.
@@ -37,9 +50,10 @@ Schema upgrades for code that already holds an engine (the writer):
 Where it lives: ``_db`` (the errors, the clock, the table access every operation opens),
 ``_lost``, ``_show``, ``_stats``, ``_replay`` (with ``_claims``, its bookkeeping in the table,
 and ``_publishing``, the one place the read side loads the instrumentation: only while a replay
-sends) and ``_maintenance`` (prune, migrate, drain, quarantine). The waits' edges are defined
-once, in :mod:`otel_celery_publish.timing`; this package imports ``schema`` and the sink's
-database, spool and quarantine modules, never the hooks or the writer's thread.
+sends), ``_watch`` (the watchdog: ``_lost`` then ``_replay``, by policy) and ``_maintenance``
+(prune, migrate, drain, quarantine). The waits' edges are defined once, in
+:mod:`otel_celery_publish.timing`; this package imports ``schema`` and the sink's database,
+spool and quarantine modules, never the hooks or the writer's thread.
 """
 
 from otel_celery_publish.audit._db import (
@@ -66,11 +80,36 @@ from otel_celery_publish.audit._replay import (
     replay,
     send_replay,
 )
-from otel_celery_publish.audit._show import Attempt, TaskHistory, show
-from otel_celery_publish.audit._stats import Distribution, GroupStats, SlowTask, Stats, stats
+from otel_celery_publish.audit._show import (
+    Attempt,
+    TaskHistory,
+    Workflow,
+    WorkflowTask,
+    WorkflowTotals,
+    show,
+    workflow,
+)
+from otel_celery_publish.audit._stats import (
+    Distribution,
+    GroupStats,
+    Minute,
+    QueueStats,
+    SlowTask,
+    Stats,
+    stats,
+)
+from otel_celery_publish.audit._watch import (
+    WATCH_TASK,
+    WatchAction,
+    Watchdog,
+    WatchReport,
+    register_watch_task,
+    watch_once,
+)
 from otel_celery_publish.sink.quarantine import QuarantinedRecord
 
 __all__ = [
+    "WATCH_TASK",
     "Attempt",
     "AuditError",
     "DatabaseUnavailable",
@@ -78,10 +117,12 @@ __all__ = [
     "GroupStats",
     "LostTask",
     "Migration",
+    "Minute",
     "Planned",
     "Policy",
     "PruneResult",
     "QuarantinedRecord",
+    "QueueStats",
     "ReplayReport",
     "ReplayResult",
     "SchemaNotMigrated",
@@ -89,6 +130,12 @@ __all__ = [
     "Stats",
     "TaskHistory",
     "UnknownTask",
+    "WatchAction",
+    "WatchReport",
+    "Watchdog",
+    "Workflow",
+    "WorkflowTask",
+    "WorkflowTotals",
     "check_results",
     "drain",
     "lost",
@@ -96,8 +143,11 @@ __all__ = [
     "plan_replay",
     "prune",
     "quarantined",
+    "register_watch_task",
     "replay",
     "send_replay",
     "show",
     "stats",
+    "watch_once",
+    "workflow",
 ]

@@ -56,14 +56,18 @@ def replayed_by_row(db: TableAccess, publish_ids: Iterable[str]) -> set[str]:
     return {r.publish_id for r in db.rows(stmt)}
 
 
-def claim_replay(db: TableAccess, publish_id: str, new_task_id: str, *, force: bool) -> bool:
-    """Mark ``publish_id`` replayed as ``new_task_id`` before sending; False if another replay
-    got there first (so two operators replaying at once send it once)."""
+def claim_replay(
+    db: TableAccess, publish_id: str, new_task_id: str, *, force: bool,
+    replayed_by: str | None = None,
+) -> bool:  # fmt: skip
+    """Mark ``publish_id`` replayed as ``new_task_id`` by ``replayed_by`` before sending; False
+    if another replay got there first (so two operators replaying at once send it once)."""
     t = db.table
     stmt = update(t).where(t.c.publish_id == publish_id)
     if not force:
         stmt = stmt.where(t.c.replayed_at.is_(None), ~replay_sent(t, publish_id))
-    return db.run(stmt.values(replayed_at=_db.now_utc(), replayed_as=new_task_id)) == 1
+    claim = {"replayed_at": _db.now_utc(), "replayed_as": new_task_id, "replayed_by": replayed_by}
+    return db.run(stmt.values(**claim)) == 1
 
 
 def release_replay(db: TableAccess, original: Row[Any], new_task_id: str) -> None:
@@ -72,5 +76,9 @@ def release_replay(db: TableAccess, original: Row[Any], new_task_id: str) -> Non
     db.run(
         update(t)
         .where(t.c.publish_id == original.publish_id, t.c.replayed_as == new_task_id)
-        .values(replayed_at=original.replayed_at, replayed_as=original.replayed_as)
+        .values(
+            replayed_at=original.replayed_at,
+            replayed_as=original.replayed_as,
+            replayed_by=original.replayed_by,
+        )
     )

@@ -59,6 +59,9 @@ class LostTask:
     exception_type: str | None = None
     exception_message: str | None = None
     result_state: str | None = None
+    #: When ``audit watch`` gave up on it (its automatic replays used up): still lost, never
+    #: replayed automatically again; a person can still ``audit replay`` it.
+    dead_lettered_at: dt.datetime | None = None
 
 
 def lost(
@@ -98,9 +101,10 @@ def lost(
     Not lost: finished attempts (``worker_lost`` and ``discarded`` aside); anything held by a
     worker instance whose heartbeat is fresh, however long it runs; attempts superseded by a
     later attempt of the same task id (a retry) or already replayed; ETA/countdown tasks whose
-    ETA is not due. A message redelivered after a Redis visibility timeout updates the same row,
-    so it is lost only if no delivery finished. Workers that are not instrumented never record
-    ``received``: use :func:`check_results` then. Oldest first.
+    ETA is not due. Dead-lettered attempts (``dead_lettered_at``, set by ``audit watch``) are
+    still lost and listed with it. A message redelivered after a Redis visibility timeout
+    updates the same row, so it is lost only if no delivery finished. Workers that are not
+    instrumented never record ``received``: use :func:`check_results` then. Oldest first.
     """
     with open_db(settings) as db:
         now = now or _db.now_utc()
@@ -212,7 +216,7 @@ def _said(reason: LostReason) -> ColumnElement[str]:
 _LOST_COLUMNS = (
     "task_id", "task_name", "publish_id", "attempt", "queue", "published_at", "sent_at",
     "received_at", "started_at", "eta", "expires", "worker", "trace_id", "error",
-    "exception_type", "exception_message",
+    "exception_type", "exception_message", "dead_lettered_at",
 )  # fmt: skip
 
 
@@ -236,6 +240,7 @@ def _lost_task(row: Row[Any]) -> LostTask:
         error=m["error"],
         exception_type=m["exception_type"],
         exception_message=m["exception_message"],
+        dead_lettered_at=_db.utc(m["dead_lettered_at"]),
     )
 
 
@@ -244,13 +249,26 @@ def check_results(app: Any, tasks: Iterable[LostTask]) -> list[LostTask]:
 
     A task the backend knows finished (``SUCCESS``, ``FAILURE``, ``REVOKED``) is dropped; the
     others keep the backend's state in ``result_state`` (``PENDING`` means the backend knows
-    nothing: lost, or ``ignore_result``).
+    nothing: lost, or ``ignore_result``). Any backend that stores results works (Redis, the
+    SQLAlchemy ``db+...`` one, django-db once Django is set up: the CLI loads the app first);
+    ``rpc://``, whose results only their publisher can read, and a backend that cannot be
+    created or reached are an :class:`AuditError`.
     """
     from celery import states  # noqa: PLC0415 - the read side needs Celery only here
     from celery.backends.base import DisabledBackend  # noqa: PLC0415
+    from celery.backends.rpc import RPCBackend  # noqa: PLC0415
 
-    if isinstance(app.backend, DisabledBackend):
+    try:
+        backend = app.backend
+    except Exception as exc:  # an unknown scheme, a missing client library, Django not set up
+        raise AuditError(f"result backend error: {first_line(exc)}") from None
+    if isinstance(backend, DisabledBackend):
         raise AuditError("--check-results needs a result backend, and the app has none")
+    if isinstance(backend, RPCBackend):
+        # rpc:// sends each result to the publisher's own reply queue: nobody else sees it.
+        raise AuditError(
+            "--check-results needs a result backend that stores results; rpc:// does not"
+        )
     kept = []
     for task in tasks:
         try:

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import getpass
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +29,7 @@ from contextlib import nullcontext
 from typing import Any, Literal
 
 from kombu import serialization
-from opentelemetry import propagate
+from opentelemetry import metrics, propagate
 from sqlalchemy import Row
 
 from otel_celery_publish import headers as hdr
@@ -35,6 +38,7 @@ from otel_celery_publish.audit._db import TableAccess, first_line, open_db, utc
 from otel_celery_publish.audit._publishing import publishing
 from otel_celery_publish.config import Settings
 from otel_celery_publish.rows import split_body
+from otel_celery_publish.version import __version__
 
 Status = Literal["sent", "would_send", "refused", "failed"]
 STATUSES: tuple[Status, ...] = ("sent", "would_send", "refused", "failed")
@@ -46,6 +50,19 @@ _OPTIONS = (
 # Trace context of the *original* publish: a replay starts its own trace and links back.
 _STALE_HEADERS = frozenset({"sentry-trace", "baggage"})
 _NOT_OPTIONS = frozenset({"name", "args", "kwargs", "task_id"})
+#: ``replayed_by`` of the replays ``audit watch`` makes: ``watchdog:<rule>``. Those are counted
+#: ``celery.audit.trigger=auto`` by the watchdog; every other sent replay here, ``manual``.
+WATCHDOG = "watchdog:"
+REPLAYED_METRIC = "celery.audit.replayed"
+
+
+def replayed_counter(meter_provider: Any = None) -> Any:
+    """The ``celery.audit.replayed`` counter (``{task}``), on ``meter_provider`` or the
+    global one."""
+    meter = metrics.get_meter("otel_celery_publish", __version__, meter_provider)
+    return meter.create_counter(
+        REPLAYED_METRIC, unit="{task}", description="Lost tasks replayed, by trigger"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +77,7 @@ class Planned:
     args_repr: str | None
     kwargs_repr: str | None
     force: bool = False
+    replayed_by: str | None = None
     refused: str | None = None
     message: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
     original: Any = dataclasses.field(default=None, repr=False, compare=False)
@@ -109,6 +127,19 @@ class Policy:
     force: bool = False
     allow_unregistered: bool = False
     allow_redacted: bool = False
+    #: Who asks, recorded on the original row (``replayed_by``): ``django:<username>`` from the
+    #: admin; None records this process's ``user@host`` (a person at the CLI, a script).
+    replayed_by: str | None = None
+
+    def requester(self) -> str:
+        return (self.replayed_by or f"{_os_user()}@{socket.gethostname()}")[:255]
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid without a passwd entry (containers) and no $USER
+        return f"uid{os.getuid()}"
 
 
 def plan_replay(
@@ -153,21 +184,28 @@ def send_replay(
     settings: Settings | None = None,
     rate: float | None = None,
     on_done: Callable[[ReplayResult], None] | None = None,
+    meter_provider: Any = None,
 ) -> ReplayReport:
     """Send every planned replay that was not refused, at most ``rate`` per second.
 
     Each original is claimed first (a replay already made by someone else is then reported
     refused), released again if the send raises, and every outcome is reported: one failure
-    does not stop the others.
+    does not stop the others. Each one sent for a person (not ``replayed_by`` the watchdog,
+    which counts its own) adds 1 to ``celery.audit.replayed{celery.audit.trigger=manual}``.
     """
     settings = settings or Settings.from_env()
     results: list[ReplayResult] = []
     pace = _Pacer(rate)
     sending = any(item.refused is None for item in planned)
+    counter = replayed_counter(meter_provider) if sending else None
     with open_db(settings) as db, publishing(settings) if sending else nullcontext():
         for item in planned:
             result = _send_one(app, db, item, pace)
             results.append(result)
+            manual = not (item.replayed_by or "").startswith(WATCHDOG)
+            if counter is not None and result.status == "sent" and manual:
+                attributes = {"celery.audit.trigger": "manual", "celery.task.name": item.task_name}
+                counter.add(1, attributes)
             if on_done is not None:
                 on_done(result)
     return ReplayReport(False, results)
@@ -215,6 +253,7 @@ def _plan_one(
         args_repr=row.args_repr,
         kwargs_repr=row.kwargs_repr,
         force=policy.force,
+        replayed_by=policy.requester(),
         original=row,
     )
     refused = _refusal(row, policy, now=now, registered=registered, replayed=replayed)
@@ -255,7 +294,8 @@ def _refusal(
         ),
         (
             row.task_name not in registered and not policy.allow_unregistered,
-            f"task {row.task_name!r} is not registered in this app; --allow-unregistered",
+            f"task {row.task_name!r} is not registered in this app (is its module in include=, "
+            "imports= or autodiscover_tasks()?); --allow-unregistered",
         ),
     ]
     state = [
@@ -340,7 +380,10 @@ def _send_one(app: Any, db: TableAccess, item: Planned, pace: _Pacer) -> ReplayR
     if item.refused is not None:
         return _result(item, "refused")
     pace.wait()  # before the claim: an interrupted wait leaves nothing claimed
-    if not _claims.claim_replay(db, item.publish_id, item.new_task_id, force=item.force):
+    claimed = _claims.claim_replay(
+        db, item.publish_id, item.new_task_id, force=item.force, replayed_by=item.replayed_by
+    )
+    if not claimed:
         return _result(item, "refused", "it was replayed by someone else just now")
     try:
         pace.sending()

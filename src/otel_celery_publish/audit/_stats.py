@@ -4,11 +4,28 @@ Per publish attempt (row), in seconds, over the lifecycle edges of
 :mod:`otel_celery_publish.timing` (the queue-wait spans' edges; ``ready = max(published_at, eta)``,
 ``received = max(received_at, ready)``, each no later than ``started_at``):
 
+* ``scheduled_delay`` = ``ready - published_at``, only for attempts published with an ETA or
+  countdown: the delay the publisher asked for, which is no one's wait, so no other metric
+  counts it;
 * ``broker_wait`` = ``received - ready``;
 * ``worker_wait`` = ``started_at - received``: prefetched, waiting for a pool process; an ETA
   task held by the worker until its ETA does not count as waiting;
 * ``run_time`` = ``runtime_s`` (measured on the worker), else ``finished_at - started_at``;
-* ``end_to_end`` = ``finished_at - ready``.
+* ``end_to_end`` = ``finished_at - ready``: from when the task was due, so a countdown of 60 s
+  does not show as 60 s end to end (``scheduled_delay`` reports it).
+
+Outcomes are the row's own, else ``replayed`` (no outcome, but ``audit replay`` re-sent it: the
+replay carries on, on its own row) or ``unfinished`` (no outcome and not replayed), as
+``show`` names an attempt.
+
+Per queue, the attempts ``published`` and ``processed`` in the window, in total and per minute
+(what a queue dashboard shows as published vs processed, exactly rather than sampled):
+``published`` counts by the minute of ``published_at``; ``processed`` counts the attempts that
+finished (``finished_at`` set, whatever the outcome) within ``[since, until)``, by the minute of
+``finished_at``, *among the attempts published in the window*. So the window is read through the
+``published_at`` index only: a task published before ``since`` and finished inside the window is
+not counted, and in the first minutes of a window ``processed`` reads low by the tasks that were
+already waiting. Minutes are UTC, listed only when something was published or processed in them.
 
 Edges come from different machines' clocks: the clamps make a negative difference (clock skew)
 count as 0. A metric whose edges are missing (not received yet, never started...) leaves the row
@@ -25,6 +42,7 @@ from typing import Any
 
 from sqlalchemy import (
     CTE,
+    BigInteger,
     ColumnElement,
     Float,
     Integer,
@@ -32,7 +50,9 @@ from sqlalchemy import (
     case,
     cast,
     func,
+    literal_column,
     select,
+    union_all,
 )
 
 from otel_celery_publish import timing
@@ -40,9 +60,10 @@ from otel_celery_publish.audit import _db
 from otel_celery_publish.audit._db import TableAccess, filters, open_db, utc
 from otel_celery_publish.config import Settings
 
-METRICS = ("broker_wait", "worker_wait", "run_time", "end_to_end")
+METRICS = ("scheduled_delay", "broker_wait", "worker_wait", "run_time", "end_to_end")
 PERCENTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
 UNFINISHED = "unfinished"
+REPLAYED = "replayed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +85,8 @@ class GroupStats:
     queue: str | None
     count: int
     outcomes: dict[str, int]
+    scheduled_delay: Distribution | None
+    """Over the attempts published with an ETA or countdown only (None: there were none)."""
     broker_wait: Distribution | None
     worker_wait: Distribution | None
     run_time: Distribution | None
@@ -83,8 +106,30 @@ class SlowTask:
 
 
 @dataclasses.dataclass(frozen=True)
+class Minute:
+    """One UTC minute of one queue: attempts published in it, attempts that finished in it."""
+
+    minute: dt.datetime
+    published: int
+    processed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueStats:
+    """One queue over the window: published vs processed, in total and per minute (module
+    docstring: ``processed`` is among the attempts published in the window)."""
+
+    queue: str | None
+    published: int
+    processed: int
+    minutes: list[Minute]
+    """Oldest first; only the minutes in which something was published or processed."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Stats:
-    """Attempts published in ``[since, until)``: totals, per task and queue, the slowest."""
+    """Attempts published in ``[since, until)``: totals, per task and queue, the slowest, and
+    published vs processed per queue."""
 
     since: dt.datetime
     until: dt.datetime
@@ -92,6 +137,7 @@ class Stats:
     outcomes: dict[str, int]
     groups: list[GroupStats]
     slowest: list[SlowTask]
+    queues: list[QueueStats]
 
 
 def stats(
@@ -132,6 +178,7 @@ def stats(
             )
             for r in db.rows(query["slowest"])
         ]
+        queues = _queues(db.rows(query["throughput"]))
     groups = [
         GroupStats(
             task_name=key[0],
@@ -147,7 +194,29 @@ def stats(
     for group in groups:
         for outcome, count in group.outcomes.items():
             totals[outcome] = totals.get(outcome, 0) + count
-    return Stats(start, end, sum(totals.values()), dict(sorted(totals.items())), groups, slow)
+    return Stats(
+        start, end, sum(totals.values()), dict(sorted(totals.items())), groups, slow, queues
+    )
+
+
+def _queues(rows: Sequence[Any]) -> list[QueueStats]:
+    """``throughput`` rows (queue, minute epoch, published, processed) as :class:`QueueStats`,
+    busiest queue first."""
+    minutes: dict[str | None, list[Minute]] = {}
+    for r in rows:
+        at = dt.datetime.fromtimestamp(int(r.minute), tz=dt.timezone.utc)
+        minutes.setdefault(r.queue, []).append(Minute(at, int(r.published), int(r.processed)))
+    queues = [
+        QueueStats(
+            queue=queue,
+            published=sum(m.published for m in found),
+            processed=sum(m.processed for m in found),
+            minutes=sorted(found, key=lambda m: m.minute),
+        )
+        for queue, found in minutes.items()
+    ]
+    queues.sort(key=lambda q: (-q.published, q.queue or ""))
+    return queues
 
 
 def _distributions(row: Any) -> dict[str, Distribution | None]:
@@ -172,10 +241,14 @@ def queries(
     queue: str | None = None,
     slowest: int = 10,
 ) -> dict[str, Select[Any]]:
-    """The three SELECTs behind :func:`stats` (also EXPLAINed by the scale benchmark)."""
+    """The four SELECTs behind :func:`stats` (also EXPLAINed by the scale benchmark)."""
     c = db.table.c
     window = (c.published_at >= start, c.published_at < end, *filters(db.table, task, queue))
-    outcome = func.coalesce(c.outcome, UNFINISHED)
+    outcome = case(
+        (c.outcome.is_not(None), c.outcome),
+        (c.replayed_at.is_not(None), REPLAYED),
+        else_=UNFINISHED,
+    )
     running = samples(db, window, materialized=False)
     return {
         "percentiles": _percentile_query(db, samples(db, window, materialized=True)),
@@ -186,7 +259,59 @@ def queries(
         .where(running.c.run_time.is_not(None))
         .order_by(running.c.run_time.desc(), running.c.publish_id)
         .limit(slowest),
+        "throughput": _throughput_query(db, window, start, end),
     }
+
+
+def _throughput_query(
+    db: TableAccess, window: Sequence[ColumnElement[bool]], start: dt.datetime, end: dt.datetime
+) -> Select[Any]:
+    """Per queue and UTC minute (epoch seconds of its start): attempts published in it, and
+    attempts published in the window that finished in it. Both halves read the window's rows
+    through the ``published_at`` index; ``finished_at`` is only filtered and bucketed."""
+    c = db.table.c
+    published_minute = minute(db, c.published_at)
+    finished_minute = minute(db, c.finished_at)
+    published = (
+        select(
+            c.queue,
+            published_minute.label("minute"),
+            func.count().label("published"),
+            literal_column("0", Integer).label("processed"),
+        )
+        .where(*window)
+        .group_by(c.queue, published_minute)
+    )
+    processed = (
+        select(c.queue, finished_minute, literal_column("0", Integer), func.count())
+        .where(*window, c.finished_at >= start, c.finished_at < end)
+        .group_by(c.queue, finished_minute)
+    )
+    both = union_all(published, processed).subquery("throughput")
+    return (
+        select(
+            both.c.queue,
+            both.c.minute,
+            func.sum(both.c.published).label("published"),
+            func.sum(both.c.processed).label("processed"),
+        )
+        .group_by(both.c.queue, both.c.minute)
+        .order_by(both.c.queue, both.c.minute)
+    )
+
+
+def minute(db: TableAccess, column: Any) -> ColumnElement[int]:
+    """The UTC minute a timestamp column falls in, as the epoch seconds of its start (an exact
+    integer: no time zone setting of the session plays a part)."""
+    # Constants as SQL text, not bound parameters: GROUP BY must repeat the SELECT's expression
+    # exactly, and PostgreSQL sees two parameters as two different expressions.
+    sixty = literal_column("60", Integer)
+    if db.dialect == "postgresql":
+        minutes = func.floor(func.date_part("epoch", column, type_=Float) / sixty)
+        return cast(minutes, BigInteger) * sixty
+    # 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC, see epoch) cut to the minute, then converted: SQLite's
+    # date functions round to the millisecond, so 12:00:59.9996 would read as 12:01.
+    return cast(func.strftime("%s", func.substr(column, 1, 16)), BigInteger)
 
 
 def epoch(db: TableAccess, column: Any) -> ColumnElement[float]:
@@ -200,7 +325,7 @@ def epoch(db: TableAccess, column: Any) -> ColumnElement[float]:
 
 
 def samples(db: TableAccess, window: Sequence[ColumnElement[bool]], *, materialized: bool) -> CTE:
-    """One row per attempt in the window with its four metrics (NULL where unknown).
+    """One row per attempt in the window with its metrics (NULL where unknown).
 
     The metrics are :class:`~otel_celery_publish.timing.SqlEdges`' over the epoch seconds of
     the row's times. ``materialized``: convert each timestamp once per row, for queries that use
@@ -238,6 +363,10 @@ def samples(db: TableAccess, window: Sequence[ColumnElement[bool]], *, materiali
         e.queue,
         e.published_at,
         e.outcome,
+        # ready, not eta: the same edge the waits start from (no later than the start).
+        case((e.eta.is_not(None), timing.not_negative(waits.ready - e.published))).label(
+            "scheduled_delay"
+        ),
         waits.broker_wait.label("broker_wait"),
         waits.worker_wait.label("worker_wait"),
         func.coalesce(e.runtime_s, timing.not_negative(e.finished - e.started)).label("run_time"),

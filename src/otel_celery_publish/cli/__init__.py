@@ -3,13 +3,20 @@
 Each command parses its options (:mod:`._options`), calls the read API and prints what it
 returns (:mod:`._output`): a table by default, the documented JSON with ``--json``
 (docs/audit.md). One module per command family: :mod:`.lost` (lost, replay), :mod:`.stats`,
-:mod:`.show`, :mod:`.maintenance` (migrate, prune, drain); each command's docstring is its help.
+:mod:`.show`, :mod:`.maintenance` (migrate, prune, drain), :mod:`.watch`; each command's
+docstring is its help.
 
 Every error is one ``Error: ...`` line on stderr, never a traceback: exit code 2 for a usage
 error (an option out of range, a bad ``OTEL_CELERY_PUBLISH_*`` variable, named), 1 for a runtime
 one (database unreachable, table not migrated...) and for a replay that did not send everything
-it was asked to. The Celery app (``-A``) is only needed by ``replay`` and ``lost
---check-results``. Celery finds the group through the ``celery.commands`` entry point; nothing
+it was asked to.
+
+The Celery app (``-A``) is loaded as a worker loads it (its task modules from ``include=``,
+``imports`` and ``autodiscover_tasks``; Django set up first in a Django project) before the
+settings are resolved, in :func:`._options.app_of`. ``replay`` and ``lost --check-results``
+need it: a task module that fails to import is their one ``Error:`` line. The other commands
+read only the audit table: they work without ``-A``, and with a broken task module after one
+``Warning:`` line. Celery finds the group through the ``celery.commands`` entry point; nothing
 outside this package imports it: the hot path never imports click (Celery itself does).
 """
 
@@ -20,7 +27,7 @@ from typing import Any
 import click
 
 from otel_celery_publish import audit as api
-from otel_celery_publish.cli import lost, maintenance, show, stats
+from otel_celery_publish.cli import lost, maintenance, show, stats, watch
 from otel_celery_publish.config import SettingsError
 
 __all__ = ["audit"]
@@ -71,5 +78,6 @@ for _command in (
     maintenance.prune,
     show.show,
     stats.stats,
+    watch.watch,
 ):
     audit.add_command(_command)

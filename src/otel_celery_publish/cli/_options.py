@@ -1,13 +1,21 @@
 """The commands' inputs: durations, ``--since``/``--until``, bounded values, the options every
-command takes, and the settings they select. A value out of range is a ``click.BadParameter``
-naming the option (exit code 2), never a traceback further down."""
+command takes, the settings they select and the Celery app they act through. A value out of
+range is a ``click.BadParameter`` naming the option (exit code 2), never a traceback further
+down.
+
+The app of ``celery -A`` is loaded here, once per command and before any setting is resolved:
+its task modules imported as a worker imports them (:func:`app_of`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import Any, TypeVar
 
 import click
@@ -132,7 +140,15 @@ _OPTIONS = {"audit_url": "'--audit-url'", "table_name": "'--table'"}
 def settings_from(audit_url: str | None, table: str | None, *, driver: bool = True) -> Settings:
     """The environment's settings with the options applied. A bad option is a usage error
     naming it, a bad variable one naming the variable; ``driver``: the database driver must
-    be importable (not for ``migrate --sql``, which connects nowhere)."""
+    be importable (not for ``migrate --sql``, which connects nowhere).
+
+    Resolved after the app is loaded (:func:`app_of`; a command that needs no task only warns
+    when that fails), because a Django project's settings, configured only then, may give
+    the audit URL.
+    """
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        _load_app(ctx, required=False)
     try:
         settings = Settings.from_env(audit_url=audit_url, table_name=table)
     except SettingsError as exc:
@@ -157,5 +173,80 @@ def now() -> dt.datetime:
 
 
 def app_of(ctx: click.Context) -> Any:
-    """The Celery app of ``celery -A``, as celery's own subcommands read it."""
-    return ctx.find_root().obj.app
+    """The Celery app of ``celery -A`` (as celery's own subcommands read it), loaded as a
+    worker loads it: for the commands that need its tasks or its result backend.
+
+    ``celery -A proj`` only imports the module that defines the app. A worker also imports
+    the app's task modules (``include=``, the ``imports`` setting, ``autodiscover_tasks``),
+    and for a Django project sets Django up first (Celery's Django fixup runs
+    ``django.setup()`` on ``import_modules``), before it needs ``app.tasks`` or a result
+    backend such as django-db: ``app.loader.import_default_modules()`` then finalizing the
+    app, as ``celery beat`` and ``celery shell`` do. A task module that fails to import is an
+    :class:`~otel_celery_publish.audit.AuditError` naming it (one ``Error:`` line, exit 1).
+    """
+    return _load_app(ctx, required=True)
+
+
+_LOADED = "otel_celery_publish.app_loaded"
+# Celery logs a failing import_modules receiver (an autodiscovered module) with its traceback
+# before the loader re-raises it; the command reports it in one line instead.
+_SIGNAL_LOGGER = "celery.utils.dispatch.signal"
+
+
+def _load_app(ctx: click.Context, *, required: bool) -> Any:
+    """The app, its task modules imported once per command (``ctx.meta`` is shared by the
+    command's contexts). ``required=False``: a failure only warns, once, on stderr: the
+    commands that read only the audit table must work while a task module is broken."""
+    app = getattr(ctx.find_root().obj, "app", None)
+    if app is None:  # the group invoked on its own, outside ``celery``
+        if required:
+            raise api.AuditError("this command needs the Celery app: celery -A proj audit ...")
+        return None
+    state = ctx.meta.get(_LOADED)
+    if state is None:
+        try:
+            with _quiet(_SIGNAL_LOGGER):
+                app.loader.import_default_modules()
+                app.finalize()
+        except Exception as exc:  # whatever a task module raises on import
+            state = api.AuditError(_load_failure(app, exc))
+        else:
+            state = True
+        ctx.meta[_LOADED] = state
+        if isinstance(state, api.AuditError) and not required:
+            click.echo(f"Warning: {state} (this command reads only the audit table)", err=True)
+    if isinstance(state, api.AuditError) and required:
+        raise state
+    return app
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _load_failure(app: Any, exc: BaseException) -> str:
+    """``cannot load the task modules of app 'proj': proj.orders.tasks: ImportError: ...``."""
+    where = _failed_module(exc.__traceback__)
+    if where is None and isinstance(exc, SyntaxError) and exc.filename:
+        where = f"{exc.filename}, line {exc.lineno}"
+    return (
+        f"cannot load the task modules of Celery app {getattr(app, 'main', None)!r}: "
+        f"{f'{where}: ' if where else ''}{type(exc).__name__}: {_db.first_line(exc)}"
+    )
+
+
+def _failed_module(tb: TracebackType | None) -> str | None:
+    """The outermost module whose body was running when the import failed: the task module
+    (or the module of a Django app) Celery was importing, not the dependency it lacked."""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "<module>":
+            name = tb.tb_frame.f_globals.get("__name__")
+            return str(name) if name else None
+        tb = tb.tb_next
+    return None

@@ -106,9 +106,11 @@ def lost(
     **filters: Any,
 ) -> None:
     """Tasks published but never received, or received and never finished."""
+    # The app first: its task modules (and Django) loaded before the settings are read.
+    app = app_of(ctx) if check_results else None
     tasks = find_lost(settings_from(audit_url, table), filters)
-    if check_results:
-        tasks = api.check_results(app_of(ctx), tasks)
+    if app is not None:
+        tasks = api.check_results(app, tasks)
     if as_json:
         print_json(tasks)
         return
@@ -121,7 +123,9 @@ def lost(
                 t.task_name,
                 t.queue,
                 t.attempt,
-                LOST_REASONS[t.reason] + (f" [{t.result_state}]" if t.result_state else ""),
+                LOST_REASONS[t.reason]
+                + (f" [{t.result_state}]" if t.result_state else "")
+                + (" [dead-lettered]" if t.dead_lettered_at else ""),
                 utc_time(t.published_at),
                 duration((at - t.published_at).total_seconds()),
                 t.worker,
@@ -176,8 +180,8 @@ def replay(
     """Re-publish TASK_IDS (their latest attempt), or with --lost what `lost` reports."""
     if bool(task_ids) == from_lost:
         raise click.UsageError("give either TASK_IDS or --lost (with its filters)")
-    settings = settings_from(audit_url, table)
     app = app_of(ctx)
+    settings = settings_from(audit_url, table)
     publish_ids = [t.publish_id for t in find_lost(settings, filters)] if from_lost else []
     policy = api.Policy(queue, keep_id, force, allow_unregistered, allow_redacted)
     planned = api.plan_replay(

@@ -98,10 +98,14 @@ class PublishHooks:
         # for a primary key (128 bits from a generator seeded from urandom, reseeded at fork).
         publish_id = f"{random.getrandbits(128):032x}"
         replay_of = hdr.as_publish_id(hdr.lookup(msg_headers, hdr.REPLAY_OF))
-        attributes = _span_attributes(app, name, task_id, routing_key, msg_headers, eta, now)
+        app_facts = _celery.app_facts(app)
+        periodic = _celery.periodic_task(msg_headers)
+        attributes = _span_attributes(app_facts, name, task_id, routing_key, msg_headers, eta, now)
         attributes["celery.audit.publish_id"] = publish_id
         if replay_of:
             attributes["celery.audit.replay_of"] = replay_of
+        if periodic:
+            attributes["celery.beat.entry"] = periodic
         span = self._tracer.start_span(
             f"send {name}",
             kind=SpanKind.PRODUCER,
@@ -129,6 +133,9 @@ class PublishHooks:
                 trace_id=trace.format_trace_id(ctx.trace_id) if ctx.is_valid else None,
                 span_id=trace.format_span_id(ctx.span_id) if ctx.is_valid else None,
                 replay_of=replay_of,
+                app=app_facts.name,
+                broker=app_facts.broker,
+                periodic_task=periodic,
             )
             row = rows.publish_row(facts, self._policy)
             if row["payload"] is not None and span.is_recording():
@@ -176,7 +183,7 @@ def _stamp(
 
 
 def _span_attributes(  # noqa: PLR0917 - one call site, the hook above
-    app: Any,
+    app: _celery.AppFacts,
     name: str,
     task_id: str,
     routing_key: str | None,
@@ -186,7 +193,7 @@ def _span_attributes(  # noqa: PLR0917 - one call site, the hook above
 ) -> dict[str, Any]:
     """The producer span's attributes from the message (never the task's arguments)."""
     attributes: dict[str, Any] = {
-        "messaging.system": _celery.app_system(app),
+        "messaging.system": app.system,
         "messaging.operation.type": "send",
         "messaging.operation.name": "send",
         "messaging.destination.name": routing_key or "",
@@ -194,9 +201,11 @@ def _span_attributes(  # noqa: PLR0917 - one call site, the hook above
         "celery.task.name": name,
         "celery.task.retries": headers.get("retries") or 0,
     }
-    root_id = headers.get("root_id")
-    if root_id and root_id != task_id:
-        attributes["messaging.message.conversation_id"] = root_id
+    if app.server_address:
+        attributes["server.address"] = app.server_address
+        if app.server_port:
+            attributes["server.port"] = app.server_port
+    attributes |= _celery.workflow_attributes(task_id, headers.get("root_id"), headers.get("group"))
     if eta is not None:
         attributes["celery.task.eta"] = eta.isoformat()
         attributes["celery.task.countdown_s"] = max(0.0, eta.timestamp() - now)

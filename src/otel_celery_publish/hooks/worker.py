@@ -82,7 +82,19 @@ class _Running:
     retry_reason: str | None = None
 
 
-def _abandon(_task_id: str, run: _Running) -> None:
+def attempt_key(task_id: object, request: Any) -> str:
+    """The key of one run in the running store: task id *and* retry count.
+
+    Not the task id alone: ``retry()`` publishes the next attempt before its own run has
+    ended (``task_retry`` receivers, the result backend, postrun still to come), and on a
+    threads or greenlet pool that next attempt, same task id, may start meanwhile. Keyed by id,
+    it would take the running attempt's entry: that attempt's span never ends and its row
+    never finishes, and the next attempt's context is detached from the wrong thread.
+    """
+    return f"{task_id}#{getattr(request, 'retries', None) or 0}"
+
+
+def _abandon(_key: str, run: _Running) -> None:
     run.span.set_status(Status(StatusCode.ERROR, "task end was never signalled"))
     run.span.end()
 
@@ -225,6 +237,7 @@ class WorkerHooks:
             "messaging.message.id": hdr.as_text(task_id),
             "celery.task.name": name,
         }
+        attributes |= _celery.workflow_attributes(task_id, req.root_id, req.group)
         published_at = hdr.as_timestamp(hdr.lookup(req, hdr.PUBLISHED_AT))
         if published_at is not None:
             self._wait_spans(parent, req, name, attributes, published_at=published_at, now=now)
@@ -248,7 +261,9 @@ class WorkerHooks:
             )
         token = otel_context.attach(trace.set_span_in_context(span))
         key = row_key(req)
-        self._running.put(task_id, _Running(span, token, time.monotonic(), name, queue, key))
+        self._running.put(
+            attempt_key(task_id, req), _Running(span, token, time.monotonic(), name, queue, key)
+        )
         if key is not None:
             redelivered = bool((req.delivery_info or {}).get("redelivered"))
             self._writer.record_update(
@@ -293,7 +308,8 @@ class WorkerHooks:
     ) -> None:  # fmt: skip
         with guard("task_failure"):
             exc = unwrap(exception, einfo)
-            run = self._running.get(str(task_id))
+            # The sender's request is the failing run's (still pushed while failure is sent).
+            run = self._running.get(attempt_key(task_id, getattr(sender, "request", None)))
             if run is not None:
                 run.exc = exc
                 run.expected = exc is not None and isinstance(exc, getattr(sender, "throws", ()))
@@ -314,7 +330,7 @@ class WorkerHooks:
     ) -> None:
         with guard("task_retry"):
             task_id = str(getattr(request, "id", None))
-            run = self._running.get(task_id)
+            run = self._running.get(attempt_key(task_id, request))
             if run is not None:
                 run.retry_reason = str(reason)
                 return
@@ -326,9 +342,12 @@ class WorkerHooks:
                 if key is not None:
                     self._finish(key, "retried", type(exc).__name__, str(exc))
 
-    def on_postrun(self, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
+    def on_postrun(
+        self, task_id: str | None = None, task: Any = None, state: str | None = None, **_: Any
+    ) -> None:
         with guard("task_postrun"):
-            run = self._running.pop(str(task_id))
+            # Sent before Celery pops the run's request: ``task.request`` is still this run's.
+            run = self._running.pop(attempt_key(task_id, getattr(task, "request", None)))
             if run is None:
                 return
             try:

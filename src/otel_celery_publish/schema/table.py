@@ -130,6 +130,18 @@ def audit_table(name: str = "celery_publish_audit", meta: MetaData = metadata) -
         # Set with the outcome when the worker knows the work was not done: ``worker_lost`` (the
         # pool child died running it), ``discarded`` (unregistered task, rejected message).
         Column("lost_reason", String(32)),
+        # Which Celery app (``app.main``) and broker (URL without credentials) published it: a
+        # process may hold several apps publishing to different brokers.
+        Column("app", String(255)),
+        Column("broker", String(255)),
+        # The celery beat schedule entry that published it, if beat did.
+        Column("periodic_task", String(255)),
+        # Who replayed it (set with ``replayed_at``): ``user@host`` from the CLI or the API,
+        # ``django:<username>`` from the admin.
+        Column("replayed_by", String(255)),
+        # Set by ``audit watch`` when a task used up its automatic replays: it is never replayed
+        # automatically again (a person still can).
+        Column("dead_lettered_at", ts),
         Index(f"ix_{name}_published_at", "published_at"),
         Index(f"ix_{name}_task_id", "task_id"),
     )
@@ -141,6 +153,12 @@ def audit_table(name: str = "celery_publish_audit", meta: MetaData = metadata) -
         postgresql_where=unfinished,
         sqlite_where=unfinished,
     )
+    # ``show <group id | root id>``: members of a group or chord, and every task of a workflow
+    # but its root. Partial, so a table without canvas pays nothing for them.
+    members = c.group_id.is_not(None)
+    Index(f"ix_{name}_group_id", c.group_id, postgresql_where=members, sqlite_where=members)
+    in_workflow = and_(c.root_id.is_not(None), c.root_id != c.task_id)
+    Index(f"ix_{name}_root_id", c.root_id, postgresql_where=in_workflow, sqlite_where=in_workflow)
     replays = c.replay_of.is_not(None)
     Index(f"ix_{name}_replay_of", c.replay_of, postgresql_where=replays, sqlite_where=replays)
     return table

@@ -1,0 +1,1 @@
+"""Tasks in a module named by the ``imports`` setting."""

@@ -1,0 +1,1 @@
+"""Tasks in a module the app lists in ``include=[...]``."""

@@ -1,0 +1,6 @@
+from include_app.app import app
+
+
+@app.task
+def add(x: int, y: int) -> int:
+    return x + y
