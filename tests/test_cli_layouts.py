@@ -239,10 +239,18 @@ def test_a_task_module_that_fails_to_import(audited: Audited, found_by: str) -> 
 
 
 def test_the_table_commands_need_no_app(audited: Audited) -> None:
-    """Without ``-A``, the commands that read only the audit table work as before."""
-    found = audit_cli("", "lost", "--json", env=project_env(**audited.env()))
+    """Without ``-A``, the commands that read only the audit table work as before; the ones
+    that publish or read results say they need ``-A`` (celery would otherwise hand them its
+    default app, on amqp://localhost, that knows none of the project's tasks)."""
+    env = project_env(**audited.env())
+    env.pop("CELERY_APP", None)
+    found = audit_cli("", "lost", "--json", env=env)
     assert (found.returncode, found.stderr) == (0, "")
     assert validated("lost", found.stdout) == []
+    for args in (["replay", f"no-app-{uuid.uuid4().hex}", "--yes"], ["lost", "--check-results"]):
+        refused = audit_cli("", *args, env=env)
+        one_line_error(refused.stderr, refused.returncode, "celery -A proj audit")
+        assert refused.stdout == ""
 
 
 @pytest.mark.parametrize("exported", [True, False], ids=["otlp", "no-exporter"])

@@ -549,6 +549,13 @@ def test_the_admin_lists_filters_searches_and_shows_a_task(project: DjangoProjec
         task_id=f"dj-dead-{uuid.uuid4()}", published_at=ago(30), sent_at=ago(30),
         dead_lettered_at=ago(5),
     )  # fmt: skip
+    replayed = project.seed(
+        task_id=f"dj-replayed-{uuid.uuid4()}", sent_at=ago(21), replayed_at=ago(3),
+    )  # fmt: skip
+    replayed_then_done = project.seed(
+        task_id=f"dj-late-{uuid.uuid4()}", sent_at=ago(21), replayed_at=ago(3),
+        outcome="succeeded", finished_at=ago(2),
+    )  # fmt: skip
     pages = _admin(
         project,
         {"path": CHANGELIST},
@@ -563,9 +570,31 @@ def test_the_admin_lists_filters_searches_and_shows_a_task(project: DjangoProjec
         {"path": f"{CHANGELIST}add/"},
         {"path": f"{CHANGELIST}{done['publish_id']}/delete/"},
         {"path": f"{CHANGELIST}?outcome=dead-lettered"},
+        {"path": f"{CHANGELIST}?outcome=replayed"},
+        {"path": f"{CHANGELIST}?_facets=True&queue={project.queue}"},
     )
-    assert [p["status"] for p in pages] == [200] * 9 + [403, 403, 200]
+    assert [p["status"] for p in pages] == [200] * 9 + [403, 403, 200, 200, 200]
     assert dead["task_id"] in pages[11]["html"] and stuck["task_id"] not in pages[11]["html"]
+    # Status and filter agree: dead-lettered is not unfinished, an outcome wins over a replay.
+    assert dead["task_id"] not in pages[2]["html"] and replayed["task_id"] not in pages[2]["html"]
+    assert replayed["task_id"] in pages[12]["html"]
+    assert replayed_then_done["task_id"] not in pages[12]["html"]
+    assert replayed_then_done["task_id"] in pages[1]["html"]
+    # The queue and task-name filters offer the last day's values (a link per value).
+    assert f"?queue={project.queue}" in pages[0]["html"]
+    assert "?task_name=shop.add" in pages[0]["html"]
+    # No page scans the table: DISTINCT only over a published_at range with a LIMIT (no date
+    # hierarchy, no SELECT DISTINCT queue), COUNT only over a LIMIT subquery (the paginator),
+    # no facet counts even when asked for.
+    for page in pages:
+        for sql in page["queries"]:
+            if project.table not in sql:
+                continue
+            if "DISTINCT" in sql:
+                assert '"published_at" >=' in sql and "LIMIT 100" in sql, sql
+            if "COUNT(" in sql:
+                assert "LIMIT 10001" in sql and "FILTER" not in sql, sql
+    assert any("LIMIT 10001" in sql for sql in pages[0]["queries"])
     listed = [(task_id in p["html"], stuck["task_id"] in p["html"]) for p in pages[:7]]
     assert listed == [
         (True, True),  # everything
@@ -633,6 +662,38 @@ def test_the_admin_replay_action_replays_a_lost_task_and_records_the_user(
     )
     assert staff_page["status"] == 200 and task_id in staff_page["html"]
     assert "replay_selected" not in staff_page["html"]
+
+
+def test_the_admin_caps_its_count_and_refuses_to_replay_more_than_500_tasks(
+    project: DjangoProject,
+) -> None:
+    """With 10,001 rows the changelist says "10,000+" (the paginator stopped counting). A
+    replay of more than 500 tasks (checked boxes, or "select all" across the pages) is refused
+    with a message pointing at the CLI, before any plan: the confirmation form would post a
+    field per task, past Django's DATA_UPLOAD_MAX_NUMBER_FIELDS (a 400)."""
+    table = audit_table(project.table)
+    rows = [row(task_id=f"dj-bulk-{uuid.uuid4()}", sent_at=ago(21)) for _ in range(10_001)]
+    with project.engine.begin() as conn:
+        conn.execute(insert(table), [{c.name: r.get(c.name) for c in table.columns} for r in rows])
+    ids = [r["publish_id"] for r in rows[:501]]
+    page, across, checked, fine = _admin(
+        project,
+        {"path": CHANGELIST},
+        {"method": "post", "path": CHANGELIST, "follow": True,
+         "data": {"action": "replay_selected", "select_across": "1", "_selected_action": ids[:1]}},
+        {"method": "post", "path": CHANGELIST, "follow": True,
+         "data": {"action": "replay_selected", "_selected_action": ids}},
+        {"method": "post", "path": CHANGELIST,
+         "data": {"action": "replay_selected", "_selected_action": ids[:500]}},
+    )  # fmt: skip
+    refusal = (
+        "Select at most 500 tasks to replay; for more, use `celery -A proj audit replay --lost`."
+    )
+    assert page["status"] == 200 and "10,000+ published tasks" in page["html"]
+    assert (across["status"], across["messages"]) == (200, [refusal])
+    assert (checked["status"], checked["messages"]) == (200, [refusal])
+    assert fine["status"] == 200 and 'id="replay-plan"' in fine["html"]
+    assert "of 500 selected task(s) would be sent again" in fine["html"]
 
 
 def test_the_cli_replays_a_task_registered_only_in_a_django_apps_tasks_module(

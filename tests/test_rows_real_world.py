@@ -27,16 +27,31 @@ from tests.conftest import BROKER, Publisher, audit_rows, wait_row
     "name",
     ["card_number", "credit_card_number", "cardNumber", "cvv", "card_cvc", "ssn", "user_ssn",
      "SSN", "iban", "IBAN", "pin", "card-pin", "account_number", "routing_number", "pan",
-     "session_id", "Cookie", "private_key", "passphrase", "social_security_no", "access_token"],
+     "session_id", "Cookie", "private_key", "passphrase", "social_security_no", "access_token",
+     "cardCvv", "userPin", "userSSN", "ibanNumber", "IBANNumber", "cvv2", "pin_2", "apiKey",
+     "sessionId", "X-Api-Key", "accountNumber"],
 )  # fmt: skip
 def test_default_keys_mask_payment_and_identity_fields(name: str) -> None:
     assert is_sensitive(name, DEFAULT_REDACT_KEYS)
 
 
 @pytest.mark.parametrize(
+    ("keys", "name"),
+    [("pass", "dbpass"), ("pass", "passcode"), ("pwd", "db_pwd_hash"), ("auth", "oauth_state"),
+     ("otp", "totp_seed"), ("otp", "otpCode"), ("pass", "dbPass"), ("key", "monkey"),
+     ("pin", "userPin")],
+)  # fmt: skip
+def test_a_users_own_keys_match_inside_longer_names(keys: str, name: str) -> None:
+    """Only the built-in short keys are whole words: a key the user configures, however
+    short, is a substring (as ``REDACT_KEYS`` always was)."""
+    assert is_sensitive(name, frozenset(keys.split(",")))
+
+
+@pytest.mark.parametrize(
     "name",
     ["classname", "shipping", "spin", "company", "expand", "opinion", "business_name",
-     "caribbean", "cvvs_seen", "pinned"],
+     "caribbean", "cvvs_seen", "pinned", "className", "shippingAddress", "CompanyName",
+     "spinCount", "pinnedAt", "pandas_version", "expandAll"],
 )  # fmt: skip
 def test_short_keys_match_whole_words_only(name: str) -> None:
     """``ssn``, ``pin``, ``pan``, ``cvv`` and ``iban`` inside a longer word are not secrets."""
@@ -90,6 +105,29 @@ def test_app_facts_name_the_broker_without_credentials() -> None:
     # An unquoted "/" in a secret makes kombu read a port: the scheme is all we say, no error.
     sqs = Celery("q", broker="sqs://AKIA:se/cret@", set_as_current=False)
     assert _celery.app_facts(sqs)[:4] == ("aws_sqs", "json", "q", "sqs://")
+    # ... and when the first segment of such a secret is digits, kombu reads a port and takes
+    # the rest for the path (or a "#" ends the URL): the scheme is still all we say.
+    for url, secret in [
+        ("amqp://guest:5672/s3cr3t@rabbit//", "s3cr3t"),
+        ("sqs://AKIA:12/cret@", "cret"),
+        ("redis://:99#pw@h:6379/0", "pw"),
+        ("redis://:12/34@cache:6379/0", "34"),
+        ("redis://h:1/secret@h:1/0", "secret"),
+    ]:
+        facts = _celery.app_facts(Celery("s", broker=url, set_as_current=False))
+        assert facts.broker == url.split("://")[0] + "://", url
+        assert (facts.server_address, facts.server_port) == (None, None), url
+        assert not any(secret in str(field) for field in facts), (url, facts)
+    # Celery publishes through broker_write_url (which falls back to broker_url).
+    split = Celery(
+        "rw",
+        broker="amqp://guest:rpw@10.0.0.5:5672//",
+        broker_write_url="redis://:wpw@10.0.0.6:6379/2",
+        set_as_current=False,
+    )
+    facts = _celery.app_facts(split)
+    assert (facts.system, facts.broker) == ("redis", "redis://10.0.0.6:6379/2")
+    assert (facts.server_address, facts.server_port) == ("10.0.0.6", 6379)
 
 
 def test_the_row_and_span_know_the_app_and_broker(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from celery import Celery
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -26,7 +27,9 @@ from otel_celery_publish.audit import _db, _watch
 from otel_celery_publish.config import Settings, SettingsError
 from tests.app import add, app, autoreplayed, sleep
 from tests.audit_support import (
+    NOW,
     ago,
+    beat,
     celery_audit_popen,
     database,
     migrated,
@@ -484,3 +487,139 @@ def policy_env(settings: Settings) -> dict[str, str]:
         "OTEL_CELERY_PUBLISH_AUTOREPLAY_MIN_AGE": str(settings.autoreplay_min_age),
         "OTEL_CELERY_PUBLISH_AUTOREPLAY_MAX": str(settings.autoreplay_max),
     }
+
+
+def test_a_replay_whose_send_raised_is_not_lost_itself(tmp_path: Path, pg_url: str) -> None:
+    """A replay whose send raised leaves its row (``replay_of`` set, never sent) and its claim
+    released: only the original is lost, so a cycle replays the task once, not twice. A row
+    whose claim still stands (killed between claim and send) stays listed, for a person."""
+    settings = dataclasses.replace(
+        database("sqlite", tmp_path, pg_url), autoreplay="tests.add:all", autoreplay_min_age=0
+    )
+    original = row(sent_at=ago(20))
+    failed = row(published_at=ago(19), replay_of=original["publish_id"])
+    claimed = row(sent_at=ago(20), replayed_at=ago(19), replayed_by="alice@host")
+    killed = row(published_at=ago(19), replay_of=claimed["publish_id"])
+    claimed["replayed_as"] = killed["task_id"]
+    seed(settings, original, failed, claimed, killed)
+    found = audit.lost(settings=settings, older_than=NO_AGE)
+    assert sorted(t.publish_id for t in found) == sorted(
+        [original["publish_id"], killed["publish_id"]]
+    )
+    report = audit.Watchdog(app, settings=settings).run_once(dry_run=True)
+    assert original["publish_id"] in [a.publish_id for a in report.actions]
+    assert failed["publish_id"] not in [a.publish_id for a in report.actions]
+
+
+@pytest.mark.parametrize("reason", ["worker_dead", "worker_lost"])
+def test_the_minimum_age_holds_for_every_reason(tmp_path: Path, pg_url: str, reason: str) -> None:
+    """``worker_dead`` and a reason the worker recorded are reported by ``lost`` at once; the
+    watchdog still waits AUTOREPLAY_MIN_AGE from the attempt's latest edge (its start)."""
+    settings = dataclasses.replace(
+        database("sqlite", tmp_path, pg_url), autoreplay="tests.add:all", autoreplay_min_age=600
+    )
+    fields: dict[str, Any] = {"sent_at": ago(20), "received_at": ago(1), "started_at": ago(1)}
+    if reason == "worker_dead":
+        instance = f"dead-{uuid.uuid4().hex[:8]}"
+        beat(settings, instance, heartbeat_at=ago(2), expires_at=ago(1, 30))
+        fields["worker_instance"] = instance
+    else:
+        fields.update(lost_reason=reason, finished_at=ago(1), outcome="failed")
+    seed(settings, row(**fields))
+    [found] = audit.lost(settings=settings, older_than=NO_AGE)
+    assert found.reason == reason
+    # At the rows' own clock (NOW is taken when the suite imports audit_support: real time may
+    # be minutes later in a full run).
+    report = audit.Watchdog(app, settings=settings).run_once(dry_run=True, now=NOW)
+    assert (report.lost, report.actions) == (1, [])
+    old = dataclasses.replace(settings, autoreplay_min_age=30)
+    [action] = audit.Watchdog(app, settings=old).run_once(dry_run=True, now=NOW).actions
+    assert (action.action, action.reason) == ("would_replay", reason)
+
+
+@pytest.mark.parametrize("edge", ["received_at", "started_at", "finished_at"])
+def test_a_task_a_worker_took_between_plan_and_claim_is_not_replayed(
+    tmp_path: Path, pg_url: str, edge: str
+) -> None:
+    """Planned while lost, then a worker received/started/finished it: the claim re-checks
+    (IS NULL on the edges the plan saw empty) and refuses; nothing is claimed or sent."""
+    settings = database("sqlite", tmp_path, pg_url)
+    original = row(sent_at=ago(20))
+    seed(settings, original)
+    [planned] = audit.plan_replay(app, publish_ids=[original["publish_id"]], settings=settings)
+    with _db.open_db(settings) as db:
+        db.run(
+            sqlalchemy.update(db.table)
+            .where(db.table.c.publish_id == original["publish_id"])
+            .values({edge: ago(1)})
+        )
+    [result] = audit.send_replay(app, [planned], settings=settings).results
+    assert (result.status, result.reason) == ("refused", "it was replayed by someone else just now")
+    [stored_row] = stored(settings, publish_id=original["publish_id"])
+    assert stored_row["replayed_at"] is None
+    assert stored(settings, replay_of=original["publish_id"]) == []
+
+
+def test_a_task_refused_at_plan_time_is_dead_lettered_and_does_not_starve_the_rest(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """No stored payload, or a redacted one: the plan refuses it, so the cycle dead-letters it
+    (refusal as detail; a dry run says would_dead_letter) instead of refusing it every cycle
+    and filling ``limit``; the next cycle gets to the sendable task behind it."""
+    settings = dataclasses.replace(
+        database("sqlite", tmp_path, pg_url), autoreplay="tests.add:all", autoreplay_min_age=0
+    )
+    no_payload = row(sent_at=ago(20), published_at=ago(23), payload=None)
+    redacted = row(sent_at=ago(20), published_at=ago(22), payload_redacted=True)
+    sendable = row(sent_at=ago(20))
+    seed(settings, no_payload, redacted, sendable)
+    dog = audit.Watchdog(app, settings=settings, limit=2)
+    dry = dog.run_once(dry_run=True).actions
+    assert [(a.action, a.publish_id) for a in dry] == [
+        ("would_dead_letter", no_payload["publish_id"]),
+        ("would_dead_letter", redacted["publish_id"]),
+    ]
+    assert "no stored payload" in str(dry[0].detail) and "redacted" in str(dry[1].detail)
+    assert all(r["dead_lettered_at"] is None for r in stored(settings))
+    done = dog.run_once().actions
+    assert [(a.action, a.detail) for a in done] == [("dead_lettered", a.detail) for a in dry]
+    for original in (no_payload, redacted):
+        [stored_row] = stored(settings, publish_id=original["publish_id"])
+        assert stored_row["dead_lettered_at"] is not None
+    report = dog.run_once(dry_run=True)
+    assert [(a.action, a.publish_id) for a in report.actions] == [
+        ("would_replay", sendable["publish_id"])
+    ]
+    assert report.dead_lettered == 2
+
+
+def test_check_results_replays_only_what_the_backend_says_is_pending(
+    tmp_path: Path, pg_url: str, broker: Broker, queue_name: str
+) -> None:
+    """With ``check_results``, STARTED (running) and RETRY (a retry is queued) are left alone;
+    only a task the backend knows nothing of (PENDING) is replayed."""
+    settings = dataclasses.replace(
+        database("sqlite", tmp_path, pg_url),
+        autoreplay=f"tests.add:all@{queue_name}",
+        autoreplay_min_age=0,
+    )
+    running, retrying, unknown = (row(sent_at=ago(20)) for _ in range(3))
+    seed(settings, running, retrying, unknown)
+    with_backend = Celery("ocp_watch_pending", broker=BROKER, backend=BROKER, set_as_current=False)
+
+    @with_backend.task(name="tests.add")
+    def _add(x: int, y: int) -> int:
+        return x + y
+
+    with_backend.backend.store_result(running["task_id"], None, "STARTED")
+    with_backend.backend.store_result(retrying["task_id"], None, "RETRY")
+    try:
+        dog = audit.Watchdog(with_backend, settings=settings, check_results=True)
+        report = dog.run_once(dry_run=True)
+        assert [(a.action, a.task_id) for a in report.actions] == [
+            ("would_replay", unknown["task_id"])
+        ]
+    finally:
+        for task in (running, retrying):
+            with_backend.backend.forget(task["task_id"])
+        with_backend.close()

@@ -14,12 +14,49 @@ _MAX_DEPTH = 8
 
 def is_sensitive(name: str, keys: frozenset[str]) -> bool:
     """True when any configured key occurs in ``name``, case-insensitively ("token" masks
-    "card_token"): redacting a little too much beats leaking a secret under a longer name.
-    A ``-`` counts as ``_``, so "api_key" masks the ``X-Api-Key`` header too. A key of
-    :data:`WHOLE_WORD_MAX` characters or fewer ("ssn", "cvv", "pin", "iban") matches only as a
-    whole word between ``_`` (``user_ssn``, ``PIN``), not inside one (``classname``,
-    ``shipping``)."""
-    return bool(keys) and _matcher(keys)(name.lower().replace("-", "_")) is not None
+    "card_token", a user's "pass" masks "dbpass"): redacting a little too much beats leaking a
+    secret under a longer name. A ``-`` counts as ``_``, so "api_key" masks the ``X-Api-Key``
+    header too, and so does a camelCase boundary ("api_key" masks ``apiKey``).
+
+    Only the built-in short keys of :data:`WHOLE_WORD_KEYS` ("ssn", "cvv", "pin", "iban", ...)
+    match as a whole word, i.e. not between two letters: ``user_ssn``, ``userSSN``, ``PIN``,
+    ``cardCvv``, ``ibanNumber`` and ``cvv2`` are masked, ``classname``, ``shipping`` and
+    ``opinion`` are not. A key a user configures always matches as a substring.
+    """
+    if not keys:
+        return False
+    return _remembered(name, keys) if len(name) <= _REMEMBERED_LEN else _check(name, keys)
+
+
+# Names up to this long are remembered (a dict key of the payload may be any long string).
+_REMEMBERED_LEN = 128
+
+
+@functools.lru_cache(maxsize=4096)
+def _remembered(name: str, keys: frozenset[str]) -> bool:
+    """:func:`_check`, remembered: the same kwarg and header names come on every publish (a
+    frozenset keeps its hash, so a hit costs about a dict lookup)."""
+    return _check(name, keys)
+
+
+def _check(name: str, keys: frozenset[str]) -> bool:
+    plain = name.lower().replace("-", "_")
+    if name.islower():  # no camelCase to see (the common snake_case name: one search)
+        return _matcher(keys)(plain) is not None
+    # Both spellings in one search: the substring keys keep matching across a camelCase
+    # boundary ("cardnumber" in ``cardNumber``), the whole-word keys see it ("ssn" in
+    # ``userSSN``). NUL is not a letter, so it is a boundary between the two.
+    split = _CAMEL.sub("_", name).lower().replace("-", "_")
+    return _matcher(keys)(f"{plain}\0{split}") is not None
+
+
+# A word starts at an uppercase letter after a lowercase letter or digit (``userSSN``), and at
+# the last capital of an acronym followed by a lowercase letter (``IBANNumber``).
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+# Short built-in keys that are also common fragments of ordinary words ("classname",
+# "shipping", "company", "caribbean"): these match only where no letter touches them.
+WHOLE_WORD_KEYS = frozenset({"cvv", "cvc", "pan", "ssn", "pin", "iban"})
 
 
 @functools.lru_cache(maxsize=16)
@@ -28,13 +65,10 @@ def _matcher(keys: frozenset[str]) -> Callable[[str], re.Match[str] | None]:
     return re.compile("|".join(_pattern(key.replace("-", "_")) for key in sorted(keys))).search
 
 
-WHOLE_WORD_MAX = 4
-
-
 def _pattern(key: str) -> str:
-    if len(key) > WHOLE_WORD_MAX:
+    if key not in WHOLE_WORD_KEYS:
         return re.escape(key)
-    return rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])"
+    return rf"(?<![a-z]){re.escape(key)}(?![a-z])"
 
 
 def redact(value: Any, keys: frozenset[str], _depth: int = 0) -> tuple[Any, bool]:

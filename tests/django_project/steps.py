@@ -17,8 +17,9 @@ django.setup()
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.contrib.auth.models import Permission  # noqa: E402
 from django.contrib.messages import get_messages  # noqa: E402
-from django.db import transaction  # noqa: E402
+from django.db import connections, transaction  # noqa: E402
 from django.test import Client  # noqa: E402
+from django.test.utils import CaptureQueriesContext  # noqa: E402
 from django_celery_results.models import TaskResult  # noqa: E402
 from shop.models import Order  # noqa: E402
 from shop.tasks import add, mark_paid  # noqa: E402
@@ -26,6 +27,7 @@ from sqlalchemy import create_engine, select  # noqa: E402
 
 from otel_celery_publish import CeleryPublishInstrumentor  # noqa: E402
 from otel_celery_publish.config import Settings  # noqa: E402
+from otel_celery_publish.contrib.django._settings import database_alias  # noqa: E402
 from otel_celery_publish.contrib.django.models import PublishAttempt  # noqa: E402
 from otel_celery_publish.schema.table import audit_table  # noqa: E402
 
@@ -89,7 +91,8 @@ def publish(
 def client(
     user: str, staff_perms: list[str] | None = None, requests: list[dict[str, Any]] = ()
 ) -> dict[str, Any]:
-    """Log in as ``user`` (a superuser, or staff with ``staff_perms``) and make ``requests``."""
+    """Log in as ``user`` (a superuser, or staff with ``staff_perms``) and make ``requests``;
+    each response says the SQL run on the audit table's database meanwhile (``queries``)."""
     User = get_user_model()
     account = User.objects.filter(username=user).first()
     if account is None:
@@ -107,11 +110,13 @@ def client(
     out = []
     for request in requests:
         method = getattr(browser, request.get("method", "get"))
-        response = method(
-            request["path"], request.get("data") or {}, follow=request.get("follow", False)
-        )
+        with CaptureQueriesContext(connections[database_alias()]) as captured:
+            response = method(
+                request["path"], request.get("data") or {}, follow=request.get("follow", False)
+            )
         out.append(
             {
+                "queries": [q["sql"] for q in captured.captured_queries],
                 "status": response.status_code,
                 "html": response.content.decode(),
                 "messages": [str(m) for m in get_messages(response.wsgi_request)],

@@ -58,14 +58,19 @@ def replayed_by_row(db: TableAccess, publish_ids: Iterable[str]) -> set[str]:
 
 def claim_replay(
     db: TableAccess, publish_id: str, new_task_id: str, *, force: bool,
-    replayed_by: str | None = None,
+    replayed_by: str | None = None, original: Any = None,
 ) -> bool:  # fmt: skip
     """Mark ``publish_id`` replayed as ``new_task_id`` by ``replayed_by`` before sending; False
-    if another replay got there first (so two operators replaying at once send it once)."""
+    if another replay got there first (so two operators replaying at once send it once), or,
+    given the ``original`` row the plan was made from, if a worker received, started or
+    finished the attempt since (it is no longer lost: re-sending would run it twice)."""
     t = db.table
     stmt = update(t).where(t.c.publish_id == publish_id)
     if not force:
         stmt = stmt.where(t.c.replayed_at.is_(None), ~replay_sent(t, publish_id))
+        for edge in ("received_at", "started_at", "finished_at"):
+            if original is not None and getattr(original, edge) is None:
+                stmt = stmt.where(t.c[edge].is_(None))
     claim = {"replayed_at": _db.now_utc(), "replayed_as": new_task_id, "replayed_by": replayed_by}
     return db.run(stmt.values(**claim)) == 1
 

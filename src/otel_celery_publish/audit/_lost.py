@@ -134,6 +134,7 @@ def lost_query(
         stuck,
         ~_superseded(t),
         ~replay_sent(t, c.publish_id),
+        ~_released_replay(t),
     ]
     if until is not None:
         conditions.append(c.published_at < until)
@@ -206,6 +207,19 @@ def _superseded(t: Table) -> ColumnElement[bool]:
             ),
         ),
     )
+
+
+def _released_replay(t: Table) -> ColumnElement[bool]:
+    """The row of a replay whose send raised: written before the send, never on the broker,
+    and its claim on the original released (the original no longer says ``replayed_as`` this
+    task), so the original is lost again. Listing this row too would replay the task twice."""
+    c = t.c
+    original = t.alias("original")
+    claimed = exists().where(
+        original.c.publish_id == c.replay_of, original.c.replayed_as == c.task_id
+    )
+    never_sent = and_(c.replay_of.is_not(None), c.sent_at.is_(None), c.received_at.is_(None))
+    return and_(never_sent, ~claimed)
 
 
 def _said(reason: LostReason) -> ColumnElement[str]:

@@ -381,9 +381,11 @@ def _send_one(app: Any, db: TableAccess, item: Planned, pace: _Pacer) -> ReplayR
         return _result(item, "refused")
     pace.wait()  # before the claim: an interrupted wait leaves nothing claimed
     claimed = _claims.claim_replay(
-        db, item.publish_id, item.new_task_id, force=item.force, replayed_by=item.replayed_by
-    )
+        db, item.publish_id, item.new_task_id, force=item.force, replayed_by=item.replayed_by,
+        original=item.original,
+    )  # fmt: skip
     if not claimed:
+        # Or a worker received/started/finished it since the plan; the wording is a contract.
         return _result(item, "refused", "it was replayed by someone else just now")
     try:
         pace.sending()

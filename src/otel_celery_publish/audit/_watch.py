@@ -39,6 +39,7 @@ from otel_celery_publish.audit._replay import (
     WATCHDOG,
     Planned,
     Policy,
+    ReplayResult,
     dry_run_report,
     plan_replay,
     replayed_counter,
@@ -170,6 +171,9 @@ class Watchdog:
             (task, rule)
             for task in found
             if task.dead_lettered_at is None
+            and _latest_edge(task) <= now - older_than
+            # STARTED: it is running; RETRY: a retry is queued. Only PENDING (unknown) is lost.
+            and (not self.check_results or task.result_state == "PENDING")
             and (rule := rule_for(self.app, task, settings.autoreplay)) is not None
         ][: self.limit]
         actions: list[WatchAction] = []
@@ -184,7 +188,7 @@ class Watchdog:
                 elif dead_letter(db, task.publish_id, now):
                     actions.append(_action(task, "dead_lettered", rule, used))
                     _log(actions[-1])
-        actions += self._replay(to_send, dry_run=dry_run)
+        actions += self._replay(to_send, dry_run=dry_run, now=now)
         newly_dead = {a.publish_id for a in actions if a.action == "dead_lettered"}
         dead = self._snapshot(found, newly_dead)
         return WatchReport(dry_run, len(found), dead, actions)
@@ -213,7 +217,7 @@ class Watchdog:
             stop.wait(interval)
 
     def _replay(
-        self, items: list[tuple[LostTask, str, int]], *, dry_run: bool
+        self, items: list[tuple[LostTask, str, int]], *, dry_run: bool, now: dt.datetime
     ) -> list[WatchAction]:
         if not items:
             return []
@@ -229,24 +233,46 @@ class Watchdog:
         else:
             rate = self.settings.autoreplay_rate
             report = send_replay(self.app, planned, settings=self.settings, rate=rate)
+        # Refused by the plan (no or redacted payload, unregistered, expired, untrusted content):
+        # the next cycle would refuse it again, forever, and take a place of ``limit``.
+        # Dead-lettered, it leaves the automatic loop and shows up for a person.
+        hopeless = {p.publish_id for p in planned if p.refused is not None}
         actions = []
-        for result in report.results:
-            task, rule, n = used[result.publish_id]
-            kind = _KINDS.get(result.status, "refused")
-            action = dataclasses.replace(
-                _action(task, kind, rule, n),
-                queue=result.queue,
-                new_task_id=result.new_task_id,
-                detail=result.reason,
-            )
-            actions.append(action)
-            if kind == "replayed":
-                self._replayed.add(
-                    1, {"celery.audit.trigger": "auto", "celery.task.name": task.task_name}
-                )
-            if not dry_run:
-                _log(action)
+        with open_db(self.settings) as db:
+            for result in report.results:
+                actions.append(self._outcome(db, result, used, hopeless, dry_run=dry_run, now=now))
         return actions
+
+    def _outcome(
+        self,
+        db: TableAccess,
+        result: ReplayResult,
+        used: dict[str, tuple[LostTask, str, int]],
+        hopeless: set[str],
+        *,
+        dry_run: bool,
+        now: dt.datetime,
+    ) -> WatchAction:
+        task, rule, n = used[result.publish_id]
+        kind = _KINDS.get(result.status, "refused")
+        if result.publish_id in hopeless:
+            if dry_run:
+                kind = "would_dead_letter"
+            elif dead_letter(db, result.publish_id, now):
+                kind = "dead_lettered"
+        action = dataclasses.replace(
+            _action(task, kind, rule, n),
+            queue=result.queue,
+            new_task_id=result.new_task_id,
+            detail=result.reason,
+        )
+        if kind == "replayed":
+            self._replayed.add(
+                1, {"celery.audit.trigger": "auto", "celery.task.name": task.task_name}
+            )
+        if not dry_run:
+            _log(action)
+        return action
 
     # -- gauges ------------------------------------------------------------------------------
 
@@ -286,6 +312,14 @@ class Watchdog:
         ]
 
 
+def _latest_edge(task: LostTask) -> dt.datetime:
+    """When the attempt last moved. ``lost`` reports ``worker_dead`` and what a worker recorded
+    (``worker_lost``, ``discarded``) at once; the watchdog still waits AUTOREPLAY_MIN_AGE
+    from this edge for every reason, so a broker redelivery can come first."""
+    edges = (task.started_at, task.received_at, task.sent_at, task.published_at)
+    return max(edge for edge in edges if edge is not None)
+
+
 def _action(task: LostTask, action: Action, rule: str, used: int) -> WatchAction:
     return WatchAction(
         task_id=task.task_id,
@@ -304,7 +338,11 @@ def _log(action: WatchAction) -> None:
     words = LOST_REASONS.get(action.reason, action.reason)  # type: ignore[call-overload]
     what = {
         "replayed": f"replayed as {action.new_task_id} to {action.queue or 'its queue'}",
-        "dead_lettered": f"dead-lettered after {action.auto_replays} automatic replay(s)",
+        "dead_lettered": (
+            f"dead-lettered: {action.detail}"
+            if action.detail
+            else f"dead-lettered after {action.auto_replays} automatic replay(s)"
+        ),
         "refused": f"refused: {action.detail}",
         "failed": f"send failed: {action.detail}",
     }.get(action.action, action.action)

@@ -197,8 +197,14 @@ def _load_app(ctx: click.Context, *, required: bool) -> Any:
     """The app, its task modules imported once per command (``ctx.meta`` is shared by the
     command's contexts). ``required=False``: a failure only warns, once, on stderr: the
     commands that read only the audit table must work while a task module is broken."""
-    app = getattr(ctx.find_root().obj, "app", None)
-    if app is None:  # the group invoked on its own, outside ``celery``
+    root = ctx.find_root()
+    app = getattr(root.obj, "app", None)
+    # ``celery`` without ``-A`` (or ``CELERY_APP``) still hands us an app: Celery's default one
+    # (``CLIContext``: ``app or get_current_app()``), whose broker is amqp://localhost and which
+    # knows none of the project's tasks. Only the ``-A`` value says whether a project app was
+    # named; a root without that parameter is the group invoked on its own (its ``obj`` says).
+    named = root.params.get("app", app)
+    if app is None or not named:
         if required:
             raise api.AuditError("this command needs the Celery app: celery -A proj audit ...")
         return None

@@ -46,7 +46,7 @@ class AppFacts(NamedTuple):
 def app_facts(app: Any) -> AppFacts:
     """What a row and a span say about the publishing app, read once per app: ``app.conf``
     lookups go through a chain of mappings and would cost microseconds on every publish."""
-    url = app.conf.broker_url
+    url = app.conf.broker_write_url  # what publishing connects to; it falls back to broker_url
     urls = [u for u in (url.split(";") if isinstance(url, str) else url or ()) if u]
     parts = [_parts(u) for u in urls]
     broker = ";".join(_without_credentials(u, p) for u, p in zip(urls, parts, strict=True))
@@ -62,10 +62,27 @@ def app_facts(app: Any) -> AppFacts:
 
 
 def _parts(url: str) -> Any:
+    """kombu's reading of ``url``, or None when it may have read a secret as the address.
+
+    An unquoted ``/``, ``?`` or ``#`` in a password ends the netloc early:
+    ``amqp://guest:5672/s3@h//`` parses as host "guest", port 5672, path "s3@h//" (or fails
+    when the port is not digits). So trust the parts only if the credentials' ``@`` is inside
+    the netloc and the host is what follows the last ``@`` (a ``#`` in a broker URL is never a
+    fragment Celery uses: it is taken for part of a secret).
+    """
     try:
-        return url_to_parts(url)
-    except ValueError:  # e.g. an unquoted "/" in a password: kombu reads a port there
+        parts = url_to_parts(url)
+    except ValueError:  # e.g. a port that is not digits
         return None
+    if "#" in url:
+        return None
+    if "@" in url:
+        rest = url.split("://", 1)[-1]
+        netloc = rest.split("/", 1)[0].split("?", 1)[0]
+        after = url.rsplit("@", 1)[1].lower().removeprefix("[")
+        if "@" not in netloc or not after.startswith((parts.hostname or "").lower()):
+            return None
+    return parts
 
 
 def _without_credentials(url: str, parts: Any) -> str:

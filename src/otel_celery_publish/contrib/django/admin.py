@@ -5,12 +5,17 @@
   queue, task name, and "lost", which asks :func:`otel_celery_publish.audit.lost` (the rules of
   ``celery -A proj audit lost``: stuck for 10 minutes, published in the last 7 days) and shows
   each row's reason. Search: an exact task id, publish id, root id or group id (index lookups,
-  not ``UPPER(...) LIKE``). No row count over the whole table (``show_full_result_count``).
+  not ``UPPER(...) LIKE``). Nothing scans the whole table (it can hold millions of rows): no
+  date hierarchy, the queue and task-name filters offer the values of the last day (at most
+  :data:`RECENT_VALUES`, through the ``published_at`` index), no facet counts, and the
+  paginator counts at most :data:`COUNT_CAP` + 1 rows (more shows as "10,000+").
 * Detail: every column, the lifecycle timeline (published, sent, ready, received, started,
   finished, with the waits as :mod:`otel_celery_publish.timing` defines them), a trace link
   from ``TRACE_URL``, and the task's history (attempts and replays, :func:`audit.show`).
 * Nothing can be added, changed or deleted. "Replay selected tasks" (permission
-  ``otel_celery_publish.replay_publishattempt``) shows the plan first, with the refusals of
+  ``otel_celery_publish.replay_publishattempt``, at most :data:`MAX_REPLAY` tasks: the
+  confirmation form posts one field per task, and Django refuses more than
+  ``DATA_UPLOAD_MAX_NUMBER_FIELDS``) shows the plan first, with the refusals of
   ``audit replay`` (:func:`~otel_celery_publish.audit.plan_replay`) and an optional queue, then
   sends it (:func:`~otel_celery_publish.audit.send_replay`), recorded as replayed by
   ``django:<username>``.
@@ -23,10 +28,14 @@ import threading
 import time
 from typing import Any, cast
 
+import django
 from django.contrib import admin, messages
+from django.core.paginator import Paginator
 from django.db.models import Case, CharField, F, Q, Value, When
 from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.utils import timezone
+from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 
 from otel_celery_publish import audit as api
@@ -42,6 +51,63 @@ LOST_SINCE = dt.timedelta(days=7)
 LOST_LIMIT = 1000
 OUTCOMES = ("succeeded", "failed", "retried", "revoked", "rejected", "ignored")
 MAX_QUEUE = 255  # the audit table's queue column
+#: The queue and task-name filters offer the distinct values among rows published this recently
+#: (a range of the ``published_at`` index), at most RECENT_VALUES of them.
+RECENT_WINDOW = dt.timedelta(days=1)
+RECENT_VALUES = 100
+#: The changelist counts at most COUNT_CAP + 1 rows: an exact count is a scan of the table.
+COUNT_CAP = 10_000
+#: The most tasks one replay may select (the confirmation posts a field per task; Django's
+#: DATA_UPLOAD_MAX_NUMBER_FIELDS, 1000 by default, would answer 400).
+MAX_REPLAY = 500
+
+
+class CappedPaginator(Paginator):
+    """A paginator that counts at most ``COUNT_CAP + 1`` rows (``COUNT(*)`` over a ``LIMIT``
+    subquery): past that the changelist says "10,000+" (our pagination.html) and offers those
+    rows' pages only (search or filter to narrow down)."""
+
+    @cached_property
+    def count(self) -> int:
+        return int(self.object_list[: COUNT_CAP + 1].count())
+
+
+class _RecentValuesFilter(admin.SimpleListFilter):
+    """A filter on one column (the URL parameter is the column's name, as Django's
+    ``AllValuesFieldListFilter`` had it) whose choices are the column's distinct values among
+    the rows of the last :data:`RECENT_WINDOW`: ``SELECT DISTINCT`` over the whole table would
+    be a scan on every changelist load. Any value still filters (``?queue=x``)."""
+
+    field = ""
+
+    def lookups(self, request: Any, model_admin: Any) -> list[tuple[str, str]]:
+        since = timezone.now() - RECENT_WINDOW
+        recent = (
+            PublishAttempt.objects.filter(published_at__gte=since)
+            .exclude(**{f"{self.field}__isnull": True})
+            .order_by(self.field)
+            .values_list(self.field, flat=True)
+            .distinct()[:RECENT_VALUES]
+        )
+        values = [str(v) for v in recent]
+        current = self.value()
+        if current and current not in values:
+            values.append(current)
+        return [(v, v) for v in values]
+
+    def queryset(self, request: Any, queryset: Any) -> Any:
+        value = self.value()
+        return queryset.filter(**{self.field: value}) if value else queryset
+
+
+class QueueFilter(_RecentValuesFilter):
+    title = "queue (published in the last day)"
+    parameter_name = field = "queue"
+
+
+class TaskNameFilter(_RecentValuesFilter):
+    title = "task name (published in the last day)"
+    parameter_name = field = "task_name"
 
 
 class OutcomeFilter(admin.SimpleListFilter):
@@ -57,9 +123,11 @@ class OutcomeFilter(admin.SimpleListFilter):
     def queryset(self, request: Any, queryset: Any) -> Any:
         value = self.value()
         if value == "unfinished":
-            return queryset.filter(outcome__isnull=True, replayed_at__isnull=True)
-        if value == "replayed":
-            return queryset.filter(replayed_at__isnull=False)
+            return queryset.filter(
+                outcome__isnull=True, replayed_at__isnull=True, dead_lettered_at__isnull=True
+            )
+        if value == "replayed":  # as the status column: an outcome wins over a replay
+            return queryset.filter(outcome__isnull=True, replayed_at__isnull=False)
         if value == "dead-lettered":
             return queryset.filter(
                 outcome__isnull=True, replayed_at__isnull=True, dead_lettered_at__isnull=False
@@ -118,12 +186,16 @@ class PublishAttemptAdmin(admin.ModelAdmin):
         "finished_at",
         "worker",
     )
-    list_filter = (OutcomeFilter, "queue", "task_name", LostFilter)
+    list_filter = (OutcomeFilter, QueueFilter, TaskNameFilter, LostFilter)
     search_fields = ("task_id",)
     search_help_text = "An exact task id, publish id, root id or group id."
-    date_hierarchy = "published_at"
     ordering = ("-published_at",)
     show_full_result_count = False
+    paginator = CappedPaginator
+    count_cap = COUNT_CAP  # for admin/otel_celery_publish/publishattempt/pagination.html
+    count_cap_text = f"{COUNT_CAP:,}"
+    if django.VERSION >= (5, 0):  # "Show counts" would count (and ask audit.lost) per choice
+        show_facets = admin.ShowFacets.NEVER
     list_per_page = 100
     actions = ("replay_selected",)
     fieldsets = (
@@ -265,6 +337,14 @@ class PublishAttemptAdmin(admin.ModelAdmin):
         if queue is not None and (len(queue) > MAX_QUEUE or not queue.isprintable()):
             self.message_user(
                 request, f"Queue must be 1 to {MAX_QUEUE} printable characters.", messages.ERROR
+            )
+            return None
+        if queryset[: MAX_REPLAY + 1].count() > MAX_REPLAY:
+            self.message_user(
+                request,
+                f"Select at most {MAX_REPLAY} tasks to replay; for more, use "
+                "`celery -A proj audit replay --lost`.",
+                messages.ERROR,
             )
             return None
         username = request.user.get_username()
