@@ -19,6 +19,8 @@ RUN pip install ".[postgresql]" "celery[redis]"
 COPY examples ./examples
 
 RUN useradd --system --uid 10001 --no-create-home --home-dir /app --shell /usr/sbin/nologin app
+# The spool directory the app services share (a named volume takes this owner and mode).
+RUN install -d -o 10001 -g 10001 -m 0700 /var/spool/otel-celery-publish
 USER 10001:10001
 
 CMD ["python", "-m", "examples.stack.producer"]

@@ -124,7 +124,7 @@ def target(
 
 
 def print_targets(targets: Sequence[dict[str, Any]]) -> None:
-    print("targets (issue #3):")
+    print("targets:")
     for t in targets:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         note = f"; {t['note']}" if t.get("note") else ""

@@ -1,4 +1,4 @@
-"""Run every issue #3 benchmark, one after another, and print one table of targets.
+"""Run every write-path benchmark, one after another, and print one table of targets.
 
 Run from the repository root (Redis on 127.0.0.1:6379, PostgreSQL on 127.0.0.1:5432 with trust
 auth for ``postgres`` and an existing database ``test``)::
@@ -51,6 +51,16 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         "memory_1m.py",
         [],
         ["--n", "50000", "--warmup", "5000", "--sample-every", "10000"],
+    ),
+    "db_cost": (
+        "db_cost.py",
+        [],
+        ["--n", "2000"],
+    ),
+    "db_knee": (
+        "db_knee.py",
+        [],
+        ["--procs", "1,2", "--seconds", "3", "--warmup", "1"],
     ),
 }
 

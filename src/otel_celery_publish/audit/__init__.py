@@ -33,6 +33,8 @@ first). Times are aware UTC datetimes::
     migrate_schema(*, settings) -> Migration
                                       create/adopt/upgrade the table (Alembic)
     drain(*, settings) -> int         ship the local spool now
+    ship(*, settings, follow, interval=0.5, stop) -> int
+                                      the sidecar shipper: every segment, live ones too
     quarantined(*, settings) -> list[QuarantinedRecord]
                                       records the database refused, kept on disk
     Watchdog(app, *, settings, meter_provider, check_results, since=1d, limit=100)
@@ -51,7 +53,7 @@ Where it lives: ``_db`` (the errors, the clock, the table access every operation
 ``_lost``, ``_show``, ``_stats``, ``_replay`` (with ``_claims``, its bookkeeping in the table,
 and ``_publishing``, the one place the read side loads the instrumentation: only while a replay
 sends), ``_watch`` (the watchdog: ``_lost`` then ``_replay``, by policy) and ``_maintenance``
-(prune, migrate, drain, quarantine). The waits' edges are defined once, in
+(prune, migrate, drain, ship, quarantine). The waits' edges are defined once, in
 :mod:`otel_celery_publish.timing`; this package imports ``schema`` and the sink's database,
 spool and quarantine modules, never the hooks or the writer's thread.
 """
@@ -70,6 +72,7 @@ from otel_celery_publish.audit._maintenance import (
     migrate_schema,
     prune,
     quarantined,
+    ship,
 )
 from otel_celery_publish.audit._replay import (
     Planned,
@@ -146,6 +149,7 @@ __all__ = [
     "register_watch_task",
     "replay",
     "send_replay",
+    "ship",
     "show",
     "stats",
     "watch_once",

@@ -1,5 +1,5 @@
 """Keeping the audit table in shape: retention (``prune``), schema (``migrate_schema``), and the
-local spool (``drain``, ``quarantined``).
+local spool (``drain``, ``quarantined``, and ``ship``, the sidecar shipper).
 
 ``migrate_schema`` runs :mod:`otel_celery_publish.schema.migrate` (Alembic, imported only when a
 migration runs); ``drain`` and ``quarantined`` read the spool through the sink's shipping and
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import threading
 
 from sqlalchemy import delete, inspect, select
 
@@ -18,6 +19,7 @@ from otel_celery_publish.audit._db import AuditError, db_errors, open_db
 from otel_celery_publish.config import Settings
 from otel_celery_publish.schema import migrate
 from otel_celery_publish.schema.table import workers_table
+from otel_celery_publish.sink import sidecar
 from otel_celery_publish.sink.quarantine import QuarantinedRecord
 from otel_celery_publish.sink.quarantine import quarantined as read_quarantine
 from otel_celery_publish.sink.shipping import drain_spool
@@ -118,5 +120,32 @@ def drain(*, settings: Settings | None = None) -> int:
     with db_errors(settings.audit_url):
         try:
             return drain_spool(dataclasses.replace(settings, create_schema=False))
+        except OSError as exc:
+            raise AuditError(f"cannot read the spool in {settings.spool_dir}: {exc}") from None
+
+
+def ship(
+    *,
+    settings: Settings | None = None,
+    follow: bool = False,
+    interval: float = 0.5,
+    stop: threading.Event | None = None,
+) -> int:
+    """Ship every spool segment of this spool directory, live ones included: once, or
+    (``follow``) every ``interval`` seconds until ``stop`` is set, as the host's sidecar
+    shipper; the number of records shipped. While it runs, the writers' threads on the same
+    spool directory stand down (:mod:`otel_celery_publish.sink.sidecar`).
+
+    Unlike ``drain``, it creates or upgrades the table as a writer does (``create_schema``):
+    with a sidecar, the publishing processes of a ``spool`` app never connect."""
+    settings = settings or Settings.from_env()
+    with db_errors(settings.audit_url):
+        try:
+            return sidecar.run(
+                settings,
+                follow=follow,
+                interval=interval,
+                stop=stop or threading.Event(),
+            )
         except OSError as exc:
             raise AuditError(f"cannot read the spool in {settings.spool_dir}: {exc}") from None

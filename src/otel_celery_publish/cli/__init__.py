@@ -76,6 +76,7 @@ for _command in (
     maintenance.drain,
     maintenance.migrate,
     maintenance.prune,
+    maintenance.ship,
     show.show,
     stats.stats,
     watch.watch,

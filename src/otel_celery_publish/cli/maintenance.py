@@ -1,16 +1,20 @@
 """Keeping the audit table: ``audit migrate`` (create, adopt, upgrade; or print the DDL),
-``audit prune`` (retention, after a confirmation) and ``audit drain`` (ship the local spool
-now; list the quarantine)."""
+``audit prune`` (retention, after a confirmation), ``audit drain`` (ship the local spool
+now; list the quarantine) and ``audit ship`` (the host's sidecar shipper)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import signal
+import threading
 
 import click
 
 from otel_celery_publish import audit as api
 from otel_celery_publish.cli._options import (
     MAX_BATCH_SIZE,
+    FiniteRange,
     as_duration,
     common_options,
     now,
@@ -105,3 +109,34 @@ def drain(*, audit_url: str | None, table: str | None, as_json: bool) -> None:
             ["PUBLISH ID", "TASK ID", "QUARANTINED (UTC)", "REASON", "FILE"],
             [[q.publish_id, q.task_id, utc_time(q.quarantined_at), q.reason, q.path] for q in held],
         )
+
+
+@click.command()
+@common_options
+@click.option("--follow", is_flag=True, help="Keep shipping until SIGTERM (the sidecar).")
+@click.option(
+    "--interval",
+    type=FiniteRange(0.05, 3600.0),
+    default=0.5,
+    show_default=True,
+    help="Seconds between shipping cycles with --follow.",
+)
+def ship(
+    *, audit_url: str | None, table: str | None, as_json: bool, follow: bool, interval: float
+) -> None:
+    """Ship every spool segment on this host, live ones too. With --follow, run as the host's
+    sidecar shipper: the publishing processes then only append to their spool (one per host
+    and spool directory; a second one stands by)."""
+    settings = settings_from(audit_url, table)
+    stop = threading.Event()
+    if follow:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        if not logging.getLogger().handlers:
+            logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")
+        logging.getLogger("otel_celery_publish").setLevel(logging.INFO)  # standing by, taking over
+    shipped = api.ship(settings=settings, follow=follow, interval=interval, stop=stop)
+    if as_json:
+        print_json({"shipped": shipped})
+        return
+    click.echo(f"shipped {shipped} spooled record(s)")

@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 from otel_celery_publish.config import check_table_name
 
 # The newest revision in ``migrations/versions`` (a test checks they agree).
-HEAD = "0003"
+HEAD = "0004"
 SCRIPT_LOCATION = "otel_celery_publish.schema:migrations"
 # Alembic's ``context`` and ``op`` are process-wide proxies: one migration per process at a time.
 _ALEMBIC_LOCK = threading.Lock()

@@ -14,6 +14,10 @@ died, the message was discarded) stay in that partial index until they are repla
 ``<table>_workers`` holds one row per worker instance (one boot of a worker's main process): its
 heartbeat, so ``lost`` can tell a task still running on a live worker from one whose worker died.
 It stays small: one row per worker boot, deleted by ``prune`` once last seen before its cutoff.
+
+On PostgreSQL the audit table's pages are filled to :data:`FILLFACTOR` percent at insert: the
+room left lets the lifecycle updates (sent, received, started) be HOT updates, on the row's own
+page with no new index entries (migration 0004; the figures are in ``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ LOST_REASONS: dict[LostReason, str] = {
 assert set(LOST_REASONS) == set(get_args(LostReason))
 
 metadata = MetaData()
+
+#: Heap fillfactor of the audit table on PostgreSQL (percent of each page filled by inserts).
+FILLFACTOR = 70
 
 
 def audit_table(name: str = "celery_publish_audit", meta: MetaData = metadata) -> Table:
@@ -144,6 +151,7 @@ def audit_table(name: str = "celery_publish_audit", meta: MetaData = metadata) -
         Column("dead_lettered_at", ts),
         Index(f"ix_{name}_published_at", "published_at"),
         Index(f"ix_{name}_task_id", "task_id"),
+        postgresql_with={"fillfactor": FILLFACTOR},
     )
     c = table.c
     unfinished = unfinished_predicate(table)

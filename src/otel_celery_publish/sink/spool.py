@@ -144,6 +144,14 @@ class Spool:
             elif self._fd is not None:
                 self._release()
 
+    def rotate(self) -> None:
+        """Release the segment without deleting it (a sidecar finishes it); the next append
+        starts a new one."""
+        with self._lock:
+            if self._fd is not None:
+                self._release()
+            self.size = self.shipped = 0
+
     def forget(self) -> None:
         """In a forked child: drop the parent's segment without touching it (its lock and file
         stay the parent's: closing our copy of the descriptor releases nothing)."""

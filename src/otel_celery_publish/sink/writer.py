@@ -51,6 +51,7 @@ from otel_celery_publish.sink.process_hooks import ProcessHooks
 from otel_celery_publish.sink.quarantine import Quarantine, is_refusal, reason_of
 from otel_celery_publish.sink.records import Record
 from otel_celery_publish.sink.shipping import ship_isolating
+from otel_celery_publish.sink.sidecar import SidecarProbe
 from otel_celery_publish.sink.spool import (
     Spool,
     SpoolFull,
@@ -81,6 +82,7 @@ class AuditWriter:
 
     db: Database
     _spool: Spool
+    _sidecar: SidecarProbe
 
     def __init__(self, settings: Settings, meter: metrics.Meter | None = None) -> None:
         self.settings = settings
@@ -109,11 +111,13 @@ class AuditWriter:
         if fork:
             self.db.forget()
             self._spool.forget()
+            self._sidecar.forget()
         self._lock = threading.Lock()
         self.db = Database(self.settings, self.table)
         self._spool = Spool(
             self.spool_dir, fsync=self.settings.spool_fsync, max_bytes=self.settings.spool_max_bytes
         )
+        self._sidecar = SidecarProbe(self.spool_dir)
         # Its lock too: a parent thread may have held it at fork time.
         self._quarantine = Quarantine(self.spool_dir, self._quarantined.add)
         self._queue: queue.SimpleQueue[Record | _Flush] = queue.SimpleQueue()
@@ -262,7 +266,8 @@ class AuditWriter:
             self._wake.clear()
             self._take_queued(pending, waiters)
             if waiters or time.monotonic() >= next_ship:
-                ok = self._ship(pending)
+                # A flush or close ships itself: its promise must not depend on the sidecar.
+                ok = self._ship(pending, stand_down=not waiters and self._sidecar.present())
                 backoff = interval if ok else min(backoff * 2, RETRY_BACKOFF_MAX_S)
                 next_ship = time.monotonic() + backoff
             shipped = not pending and not self._spool.pending()
@@ -277,9 +282,19 @@ class AuditWriter:
             if stop:
                 return
 
-    def _ship(self, pending: dict[str, Record]) -> bool:
+    def _ship(self, pending: dict[str, Record], *, stand_down: bool = False) -> bool:
         """Ship the memory queue, then the spool, then dead processes' spools. On failure the
-        memory queue moves to the spool: bounded memory, and a crash now loses nothing."""
+        memory queue moves to the spool: bounded memory, and a crash now loses nothing.
+
+        ``stand_down`` (a sidecar ships this spool directory, :mod:`.sidecar`): the memory
+        queue goes to the spool, and a large segment is released for the sidecar to finish;
+        what the spool refuses (full disk) is still shipped from here."""
+        if stand_down:
+            self._spill(pending)
+            if not pending:
+                if self._spool.size >= ROTATE_AT_BYTES:
+                    self._spool.rotate()
+                return True
         try:
             self.db.engine()  # connect (and migrate) here, not on the first publish
             if pending:
