@@ -28,7 +28,10 @@ existing database ``test``; no broker needed)::
 
 Reported: records/s (spool records shipped per second, what ``drain_spool`` counts) and rows/s
 (audit rows, one per publish, landed per second); with one record per publish they are equal.
-The issue's target (>= 20,000 rows/s) is judged on the median round's rows/s.
+Each round also reports the CPU seconds of this process (``client cpu s``: decoding, COPY
+formatting): on a machine shared with other work, wall time minus it is the database's share
+plus waiting for a core. Issue 12's target (>= 30,000 rows/s) is judged on the median round's
+rows/s (at least 3 rounds), printed with its ratio to the target.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ from otel_celery_publish.sink.spool import SUFFIX, target_dir
 
 TASK_NAME = "bench.record_order"
 TABLE = "celery_publish_audit"
-DRAIN_TARGET_ROWS_S = 20_000.0
+DRAIN_TARGET_ROWS_S = 30_000.0
 
 
 # -- the spooling child ---------------------------------------------------------------------------
@@ -184,9 +187,10 @@ def drain_round(
             shutil.copyfile(src, where / src.name)
     schema_s = schema_seconds(args, dbname)
     with created_database(args, dbname):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         shipped = drain_spool(settings)
         took = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
         rows, sent, payloads = pg_scalar(
             db.conninfo,
             f"SELECT ARRAY[count(*), count(sent_at), count(payload)] FROM {TABLE}",
@@ -199,6 +203,7 @@ def drain_round(
         "records_per_s": shipped / took,
         "rows": rows,
         "rows_per_s": rows / took,
+        "client_cpu_s": cpu,
         "rows_with_sent_at": sent,
         "rows_with_payload": payloads,
         "segments_left": len(segments(where)),
@@ -213,15 +218,15 @@ def drain_round(
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--publishes", type=int, default=200_000, help="publishes spooled")
-    parser.add_argument("--rounds", type=int, default=3, help="drains of the same spool")
+    parser.add_argument("--rounds", type=int, default=3, help="drains of the same spool (>= 3)")
     parser.add_argument("--json", type=Path, help="also write results to this file")
     add_pg_args(parser)
     parser.add_argument("--generate", type=int, help=argparse.SUPPRESS)  # the child's job
     parser.add_argument("--audit-url", help=argparse.SUPPRESS)
     parser.add_argument("--spool-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.publishes < 1 or args.rounds < 1:
-        parser.error("--publishes and --rounds must be >= 1")
+    if args.publishes < 1 or args.rounds < 3:
+        parser.error("--publishes must be >= 1 and --rounds >= 3 (the median is judged)")
     return args
 
 
@@ -288,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "median_drain_s": median,
         "median_records_per_s": records / median,
         "median_rows_per_s": args.publishes / median,
+        "ratio_to_target": args.publishes / median / DRAIN_TARGET_ROWS_S,
     }
     targets = [
         target(
@@ -298,7 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             unit=" rows/s",
         )
     ]
-    targets[0]["note"] = f"records/s {summary['median_records_per_s']:,.0f}"
+    targets[0]["note"] = (
+        f"{summary['ratio_to_target']:.2f}x the target; "
+        f"records/s {summary['median_records_per_s']:,.0f}"
+    )
 
     print()
     print(
@@ -308,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     header = (
         f"{'round':>5} {'drain s':>8} {'records/s':>10} {'rows/s':>9} {'rows':>8} "
-        f"{'sent_at':>8} {'payload':>8} {'segs left':>9} {'schema ms':>9}  ok"
+        f"{'sent_at':>8} {'payload':>8} {'segs left':>9} {'schema ms':>9} {'cpu s':>6}  ok"
     )
     print(header)
     print("-" * len(header))
@@ -317,11 +326,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['round']:>5} {r['seconds']:>8.2f} {r['records_per_s']:>10,.0f} "
             f"{r['rows_per_s']:>9,.0f} {r['rows']:>8} {r['rows_with_sent_at']:>8} "
             f"{r['rows_with_payload']:>8} {r['segments_left']:>9} {r['schema_s'] * 1e3:>9.1f}"
-            f"  {r['complete']}"
+            f" {r['client_cpu_s']:>6.2f}  {r['complete']}"
         )
     print(
-        f"median: {median:.2f}s, {summary['median_records_per_s']:,.0f} records/s, "
-        f"{summary['median_rows_per_s']:,.0f} rows/s"
+        f"median of {len(rounds)} rounds: {median:.2f}s, "
+        f"{summary['median_records_per_s']:,.0f} records/s, "
+        f"{summary['median_rows_per_s']:,.0f} rows/s = {summary['ratio_to_target']:.2f}x the "
+        f"{DRAIN_TARGET_ROWS_S:,.0f} rows/s target"
     )
     print()
     print_targets(targets)

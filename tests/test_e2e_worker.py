@@ -58,23 +58,18 @@ def test_one_trace_holds_producer_queue_wait_and_process(
     assert producer.attributes["messaging.destination.name"] == queue_name
     assert producer.attributes["celery.audit.publish_id"] == row["publish_id"]
 
-    spans = trace_spans(
-        receiver,
-        trace_id,
-        {
-            "queue wait tests.add",
-            "broker wait tests.add",
-            "worker wait tests.add",
-            "process tests.add",
-        },
-    )
+    spans = trace_spans(receiver, trace_id, {"queue wait tests.add", "process tests.add"})
     wait, process = spans["queue wait tests.add"], spans["process tests.add"]
     assert wait.parent_id == producer_id
     assert process.parent_id == producer_id
     assert process.kind == 5  # SPAN_KIND_CONSUMER on the wire
-    assert spans["broker wait tests.add"].parent_id == wait.span_id
-    assert spans["worker wait tests.add"].parent_id == wait.span_id
-    assert spans["broker wait tests.add"].end_ns == spans["worker wait tests.add"].start_ns
+    # The split is on the queue-wait span (no child spans unless queue_wait_children).
+    assert "broker wait tests.add" not in spans and "worker wait tests.add" not in spans
+    assert wait.events == ["received"]
+    broker_s = wait.attributes["celery.queue_wait.broker_s"]
+    worker_s = wait.attributes["celery.queue_wait.worker_s"]
+    assert broker_s >= 0 and worker_s >= 0
+    assert abs(broker_s + worker_s - (wait.end_ns - wait.start_ns) / 1e9) < 1e-5
     assert abs(wait.start_ns / 1e9 - row["published_at"].timestamp()) < 1e-3
     assert wait.end_ns <= process.start_ns
     assert process.attributes["celery.task.outcome"] == "succeeded"
@@ -88,6 +83,25 @@ def test_one_trace_holds_producer_queue_wait_and_process(
     assert row["worker"].startswith("ocp-")
     assert 0 <= row["runtime_s"] < 10
     assert row["payload"] is not None and row["exception_type"] is None
+
+
+def test_queue_wait_children_split_the_wait_into_broker_and_worker_spans(
+    publisher: Any, start_worker: Any, receiver: Receiver, pg: Any, queue_name: str
+) -> None:
+    """With queue_wait_children, broker wait and worker wait are child spans of the queue
+    wait, edge to edge, and the queue-wait span still carries the split."""
+    start_worker(env={"OTEL_CELERY_PUBLISH_QUEUE_WAIT_CHILDREN": "true"})
+    task_id = add.apply_async((2, 3), queue=queue_name).id
+    [row] = wait_row(pg, task_id, lambda rows: rows[0]["outcome"] == "succeeded")
+    names = {f"{kind} tests.add" for kind in ("queue wait", "broker wait", "worker wait")}
+    spans = trace_spans(receiver, row["trace_id"], names)
+    wait, broker, worker = (spans[f"{k} wait tests.add"] for k in ("queue", "broker", "worker"))
+    assert broker.parent_id == wait.span_id and worker.parent_id == wait.span_id
+    assert (broker.start_ns, broker.end_ns, worker.end_ns) == (
+        wait.start_ns, worker.start_ns, wait.end_ns,
+    )  # fmt: skip
+    assert broker.attributes["messaging.message.id"] == task_id
+    assert "celery.queue_wait.broker_s" in wait.attributes and wait.events == ["received"]
 
 
 def test_failure_is_recorded_on_span_and_row(

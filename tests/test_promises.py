@@ -345,6 +345,7 @@ DOCUMENTED_DEFAULTS = [
     ("spool_max_bytes", 1073741824),
     ("db_timeout", 2.0),
     ("use_links", False),
+    ("queue_wait_children", False),
     (
         "redact_keys",
         frozenset(
@@ -782,7 +783,7 @@ def test_worker_spans_and_metrics_carry_the_documented_attributes(
     [row_] = wait_row(pg, secret, lambda rows: rows[0]["outcome"] == "succeeded")
     wait_row(pg, failing, lambda rows: rows[0]["outcome"] == "failed")
     wait_row(pg, skipped, lambda rows: rows[0]["outcome"] == "ignored")
-    names = {f"{p} tests.login" for p in ("queue wait", "broker wait", "worker wait", "process")}
+    names = {f"{p} tests.login" for p in ("queue wait", "process")}
     spans = _trace(receiver, row_["trace_id"], names)
     for name in names - {"process tests.login"}:
         assert spans[name].kind == INTERNAL, name

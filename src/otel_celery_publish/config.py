@@ -151,6 +151,10 @@ class Settings:
     audit_url: str = "sqlite:///celery_audit.db"
     durability: Durability = "sync"
     use_links: bool = False
+    #: ``OTEL_CELERY_PUBLISH_QUEUE_WAIT_CHILDREN``: also export ``broker wait`` / ``worker wait``
+    #: spans under each ``queue wait`` span (two more spans per task). Off by default: the
+    #: queue-wait span carries the split as attributes and a ``received`` event.
+    queue_wait_children: bool = False
     redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS
     redact_payload: bool = False
     create_schema: bool = True
@@ -527,6 +531,7 @@ _RULES: dict[str, _Rule] = {
     ),
     "durability": _Rule("one of sync, spool, async", _durability),
     "use_links": _Rule("a boolean: 1/0, true/false, yes/no, on/off", _flag),
+    "queue_wait_children": _Rule("a boolean: 1/0, true/false, yes/no, on/off", _flag),
     "redact_keys": _Rule(
         "comma-separated key names (at least one, no spaces inside a name)", _redact_keys
     ),

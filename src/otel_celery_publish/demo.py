@@ -155,11 +155,24 @@ def span_bars(spans: list[dict[str, Any]]) -> Iterator[Bar]:
             error=span["status"]["status_code"] == "ERROR",
             note=f"[{span['resource']['attributes'].get('service.name', '')}]{links}",
         )
+        yield from _split(span, depth + 1)
         for child in children.get(span["context"]["span_id"], []):
             yield from walk(child, depth + 1)
 
     for root in children.get(None, []):
         yield from walk(root, 0)
+
+
+def _split(span: dict[str, Any], depth: int) -> Iterator[Bar]:
+    """A queue-wait span's ``received`` event drawn as its broker-wait and worker-wait parts."""
+    received = [e for e in span.get("events", ()) if e["name"] == "received"]
+    if not span["name"].startswith("queue wait ") or not received:
+        return
+    task = span["name"].removeprefix("queue wait ")
+    mark = _ts(received[0]["timestamp"])
+    start, end = _ts(span["start_time"]), _ts(span["end_time"])
+    yield Bar(f"· broker wait {task}", start, mark, depth, note="(received event)")
+    yield Bar(f"· worker wait {task}", mark, end, depth)
 
 
 def _rows() -> list[Any]:

@@ -41,7 +41,7 @@ from otel_celery_publish.hooks.pending import BoundedStore
 from otel_celery_publish.schema.table import RecordedLostReason
 from otel_celery_publish.sink.heartbeat import Heartbeat
 from otel_celery_publish.sink.writer import AuditWriter
-from otel_celery_publish.timing import queue_waits
+from otel_celery_publish.timing import Waits, queue_waits
 
 MAX_TRACKED = 10_000
 # The semconv's advisory buckets for durations in seconds (the SDK's default ones are for ms).
@@ -114,6 +114,7 @@ class WorkerHooks:
         self._writer = writer
         self._heartbeat = heartbeat
         self._use_links = settings.use_links
+        self._wait_children = settings.queue_wait_children
         self._running: BoundedStore[_Running] = BoundedStore(MAX_TRACKED, _abandon)
         # Main process: row keys of received tasks, for outcomes decided there (child killed).
         self._received: BoundedStore[rows.RowKey] = BoundedStore(MAX_TRACKED)
@@ -230,22 +231,27 @@ class WorkerHooks:
             return  # apply() / task_always_eager: never published, so neither span nor row
         name = task.name
         queue = hdr.as_text((req.delivery_info or {}).get("routing_key"))
+        message_id = hdr.as_text(task_id)
         parent = propagate.extract(hdr.carrier(req))
+        published_at = hdr.as_timestamp(hdr.lookup(req, hdr.PUBLISHED_AT))
+        if published_at is not None:
+            waits = queue_waits(
+                published_at,
+                hdr.as_timestamp(hdr.lookup(req, hdr.ETA)),
+                hdr.as_timestamp(hdr.lookup(req, hdr.RECEIVED_AT)),
+                now,
+            )
+            self._wait_span(parent, waits, name, queue, message_id)
         attributes: dict[str, Any] = {
             "messaging.system": _celery.app_system(task.app),
             "messaging.destination.name": queue,
-            "messaging.message.id": hdr.as_text(task_id),
-            "celery.task.name": name,
-        }
-        attributes |= _celery.workflow_attributes(task_id, req.root_id, req.group)
-        published_at = hdr.as_timestamp(hdr.lookup(req, hdr.PUBLISHED_AT))
-        if published_at is not None:
-            self._wait_spans(parent, req, name, attributes, published_at=published_at, now=now)
-        attributes |= {
+            "messaging.message.id": message_id,
             "messaging.operation.type": "process",
             "messaging.operation.name": "process",
+            "celery.task.name": name,
             "celery.task.retries": req.retries or 0,
         }
+        attributes |= _celery.workflow_attributes(task_id, req.root_id, req.group)
         if self._use_links:
             producer = trace.get_current_span(parent).get_span_context()
             span = self._tracer.start_span(
@@ -270,37 +276,48 @@ class WorkerHooks:
                 rows.started(key, now, req.hostname, self._instance(), redelivered=redelivered)
             )
 
-    def _wait_spans(
-        self, parent: otel_context.Context, req: Any, name: str, attributes: dict[str, Any], *,
-        published_at: float, now: float,
-    ) -> None:  # fmt: skip
-        """Record the queue wait as spans with real start/end times, children of the producer."""
-        waits = queue_waits(
-            published_at,
-            hdr.as_timestamp(hdr.lookup(req, hdr.ETA)),
-            hdr.as_timestamp(hdr.lookup(req, hdr.RECEIVED_AT)),
-            now,
-        )
-        wait_attrs = dict(attributes)
+    def _wait_span(
+        self, parent: otel_context.Context, waits: Waits, name: str, queue: str, message_id: str
+    ) -> None:
+        """The queue wait as one span with its real start and end, a child of the producer.
+
+        Where the message was received is known, the split is on the span itself: the
+        ``received`` event at that moment and the two waits as attributes; the ``broker wait``
+        and ``worker wait`` child spans only with ``queue_wait_children`` (each span costs the
+        worker as much as the task's own process span).
+        """
+        base: dict[str, Any] = {
+            "messaging.destination.name": queue,
+            "messaging.message.id": message_id,
+            "celery.task.name": name,
+        }
+        attributes = dict(base)
+        if waits.received is not None:
+            attributes["celery.queue_wait.broker_s"] = waits.received - waits.ready
+            attributes["celery.queue_wait.worker_s"] = waits.started - waits.received
         if waits.skew_s > 0:
-            wait_attrs["celery.queue_wait.clamped"] = True
-            wait_attrs["celery.queue_wait.clock_skew_s"] = waits.skew_s
+            attributes["celery.queue_wait.clamped"] = True
+            attributes["celery.queue_wait.clock_skew_s"] = waits.skew_s
         wait = self._tracer.start_span(
             f"queue wait {name}", context=parent, start_time=_ns(waits.ready),
-            attributes=wait_attrs,
+            attributes=attributes,
         )  # fmt: skip
         if waits.received is not None:
-            inner = trace.set_span_in_context(wait, parent)
-            for label, start, end in (
-                ("broker wait", waits.ready, waits.received),
-                ("worker wait", waits.received, waits.started),
-            ):
-                part = self._tracer.start_span(
-                    f"{label} {name}", context=inner, start_time=_ns(start), attributes=attributes
-                )
-                part.end(end_time=_ns(end))
+            wait.add_event("received", timestamp=_ns(waits.received))
+            if self._wait_children:
+                inner = trace.set_span_in_context(wait, parent)
+                for label, start, end in (
+                    ("broker wait", waits.ready, waits.received),
+                    ("worker wait", waits.received, waits.started),
+                ):
+                    part = self._tracer.start_span(
+                        f"{label} {name}", context=inner, start_time=_ns(start), attributes=base
+                    )
+                    part.end(end_time=_ns(end))
         wait.end(end_time=_ns(waits.started))
-        self._queue_wait.record(waits.total, _metric_attributes(attributes))
+        self._queue_wait.record(
+            waits.total, {"celery.task.name": name, "messaging.destination.name": queue}
+        )
 
     def on_failure(
         self, sender: Any = None, task_id: str | None = None, exception: Any = None,
@@ -387,10 +404,3 @@ class WorkerHooks:
                 str(exc) if exc is not None else None,
                 runtime,
             )
-
-
-def _metric_attributes(attributes: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "celery.task.name": attributes["celery.task.name"],
-        "messaging.destination.name": attributes["messaging.destination.name"],
-    }

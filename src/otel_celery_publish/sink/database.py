@@ -19,6 +19,7 @@ How long each wait may take (the mechanism is :mod:`.deadline`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import sqlite3
@@ -63,6 +64,7 @@ class _Prepared:
     """A single-row upsert rendered once for the raw driver, with SQLAlchemy's bind processors."""
 
     sql: str
+    columns: tuple[str, ...]
     positions: tuple[str, ...] | None  # parameter order for positional drivers (sqlite3)
     processors: dict[str, Callable[[Any], Any]]
 
@@ -72,6 +74,17 @@ class _Prepared:
             if name in values:
                 values[name] = process(values[name])
         return values if self.positions is None else tuple(values[k] for k in self.positions)
+
+    def values(self, row: Record) -> list[Any]:
+        """``row``'s values in the order of ``columns``, processed: one row of a COPY."""
+        values = list(map(row.__getitem__, self.columns))
+        for index, process in self._processed:
+            values[index] = process(values[index])
+        return values
+
+    @functools.cached_property
+    def _processed(self) -> tuple[tuple[int, Callable[[Any], Any]], ...]:
+        return tuple((self.columns.index(name), f) for name, f in self.processors.items())
 
 
 def preload_driver(url: str) -> None:
@@ -135,6 +148,14 @@ def upsert(table: Table, dialect: str, columns: Iterable[str]) -> Insert:
         index_elements=[table.c.publish_id],
         set_={name: stmt.excluded[name] for name in columns if name != "publish_id"},
     )
+
+
+def _copy(cur: Any, into: Any, names: Any, prepared: _Prepared, rows: list[Record]) -> None:
+    from psycopg import sql  # noqa: PLC0415 - only with PostgreSQL (the optional extra)
+
+    with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(into, names)) as copy:
+        for row in rows:
+            copy.write_row(prepared.values(row))
 
 
 class Database:
@@ -211,27 +232,35 @@ class Database:
             self._sync_lock.release()
 
     def upsert(self, rows: list[Record]) -> None:
-        """Upsert ``rows`` (merged per publish_id), one executemany per distinct column set."""
+        """Upsert ``rows`` (merged per publish_id, later records win), one statement per
+        distinct column set (rows of one writer all have their columns in one order)."""
         merged: dict[str, Record] = {}
         for row in rows:
-            merged.setdefault(row["publish_id"], {}).update(row)
+            key = row["publish_id"]
+            earlier = merged.get(key)
+            # A copy only when merging: the caller's rows are never changed (it may retry them).
+            merged[key] = row if earlier is None else {**earlier, **row}
         groups: dict[tuple[str, ...], list[Record]] = {}
         for row in merged.values():
-            groups.setdefault(tuple(sorted(row)), []).append(row)
+            groups.setdefault(tuple(row), []).append(row)
         engine = self.engine()
+        copies: list[tuple[tuple[str, ...], list[Record]]] = []
+        statements: list[tuple[tuple[str, ...], list[Record]]] = []
+        for item in groups.items():
+            big = engine.dialect.name == "postgresql" and len(item[1]) >= COPY_MIN_ROWS
+            (copies if big else statements).append(item)
         with suppress_instrumentation(), engine.connect() as conn:
-            for columns, group in groups.items():
-                if engine.dialect.name == "postgresql" and len(group) >= COPY_MIN_ROWS:
-                    try:
-                        self._copy_upsert(conn, columns, group)
-                    except Exception:
-                        # Raw driver calls: SQLAlchemy did not see a disconnect; tell it, or
-                        # the pool would try to reset a closed connection.
-                        raw = conn.connection.driver_connection
-                        if raw is None or raw.closed:
-                            conn.invalidate()
-                        raise
-                    continue
+            if copies:
+                try:
+                    self._copy_upsert(conn, copies)
+                except Exception:
+                    # Raw driver calls: SQLAlchemy did not see a disconnect; tell it, or
+                    # the pool would try to reset a closed connection.
+                    raw = conn.connection.driver_connection
+                    if raw is None or raw.closed:
+                        conn.invalidate()
+                    raise
+            for columns, group in statements:
                 stmt = self._statements.get(columns)
                 if stmt is None:
                     stmt = self._statements[columns] = upsert(
@@ -239,38 +268,59 @@ class Database:
                     )
                 conn.execute(stmt, group)
 
-    def _copy_upsert(self, conn: Connection, columns: tuple[str, ...], rows: list[Record]) -> None:
-        """PostgreSQL's fast path for a big batch (a spool drain): COPY into a temporary
-        table, then one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` (COPY cannot upsert)."""
-        from psycopg import sql  # noqa: PLC0415 - only with PostgreSQL (the optional extra)
+    def _copy_upsert(
+        self, conn: Connection, groups: list[tuple[tuple[str, ...], list[Record]]]
+    ) -> None:
+        """PostgreSQL's fast path for big batches (a spool drain): COPY, in one transaction.
 
-        prepared = self._prepared.get(columns) or self._prepare(columns)
+        Rows the database has never seen (most of a dead process's spool) are COPYed straight
+        into the table. COPY cannot upsert: if a group's first or last row is already there
+        (updates; rows shipped before their process died, or by another shipper), or a COPY
+        meets one (rolled back to a savepoint), the group is COPYed into a temporary table
+        and moved by one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``.
+        """
+        from psycopg import errors, sql  # noqa: PLC0415 - only with PostgreSQL (the optional extra)
+
         ident = sql.Identifier
-        names = sql.SQL(", ").join(map(ident, columns))
-        updates = sql.SQL(", ").join(
-            sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in columns if c != "publish_id"
-        )
         table, stage = ident(self.table.name), ident(f"{self.table.name}_stage")
+        probe = sql.SQL("SELECT 1 FROM {} WHERE publish_id IN (%s, %s) LIMIT 1").format(table)
         raw = conn.connection.driver_connection
         assert raw is not None
         with raw.transaction(), raw.cursor() as cur:
-            # Once per connection (emptied at every commit): no catalogue churn per batch.
-            cur.execute(
-                sql.SQL(
-                    "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
-                    "ON COMMIT DELETE ROWS"
-                ).format(stage, table)
-            )
-            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, names)) as copy:
-                for row in rows:
-                    values = prepared.params(row)
-                    copy.write_row([values[c] for c in columns])
-            cur.execute(
-                sql.SQL(
-                    "INSERT INTO {} ({}) SELECT {} FROM {} "
-                    "ON CONFLICT (publish_id) DO UPDATE SET {}"
-                ).format(table, names, names, stage, updates)
-            )
+            for columns, rows in groups:
+                prepared = self._prepared.get(columns) or self._prepare(columns)
+                names = sql.SQL(", ").join(map(ident, columns))
+                # A group's rows were spooled together: all shipped before, or all new (but
+                # at its edges, or a few another shipper races us to).
+                ends = (rows[0]["publish_id"], rows[-1]["publish_id"])
+                if cur.execute(probe, ends).fetchone() is None:
+                    try:
+                        with raw.transaction():  # a savepoint
+                            _copy(cur, table, names, prepared, rows)
+                        continue
+                    except errors.UniqueViolation:
+                        pass  # rolled back to the savepoint: upsert them
+                # Once per connection (emptied at every commit): no catalogue churn per batch.
+                cur.execute(
+                    sql.SQL(
+                        "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
+                        "ON COMMIT DELETE ROWS"
+                    ).format(stage, table)
+                )
+                _copy(cur, stage, names, prepared, rows)
+                updates = sql.SQL(", ").join(
+                    sql.SQL("{0} = EXCLUDED.{0}").format(ident(c))
+                    for c in columns
+                    if c != "publish_id"
+                )
+                # Emptied as it is read: the next group of this transaction stages its own.
+                cur.execute(
+                    sql.SQL(
+                        "WITH moved AS (DELETE FROM {} RETURNING {}) "
+                        "INSERT INTO {} ({}) SELECT {} FROM moved "
+                        "ON CONFLICT (publish_id) DO UPDATE SET {}"
+                    ).format(stage, names, table, names, names, updates)
+                )
 
     def dispose(self) -> None:
         """Close every connection; the next call reconnects. Gives up (connections left to
@@ -353,7 +403,8 @@ class Database:
             if processor is not None:
                 processors[name] = processor
         positions = tuple(compiled.positiontup) if compiled.positiontup else None
-        prepared = self._prepared[columns] = _Prepared(compiled.string, positions, processors)
+        prepared = _Prepared(compiled.string, columns, positions, processors)
+        self._prepared[columns] = prepared
         return prepared
 
     def _drop_sync(self) -> None:

@@ -40,9 +40,9 @@ from otel_celery_publish.sink.database import Database
 from otel_celery_publish.sink.directories import SpoolRefused, file_problem, open_dir
 from otel_celery_publish.sink.instruments import instruments
 from otel_celery_publish.sink.quarantine import Quarantine, reason_of
-from otel_celery_publish.sink.records import Record, check_row, scan
+from otel_celery_publish.sink.records import Record
 from otel_celery_publish.sink.shipping import ship_isolating
-from otel_celery_publish.sink.spool import BAD_SUFFIX, SUFFIX, target_dir
+from otel_celery_publish.sink.spool import SUFFIX, finish_segment, ship_range, target_dir
 
 logger = logging.getLogger("otel_celery_publish")
 
@@ -173,50 +173,24 @@ class Sidecar:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # live: its owner appends to it
-                count, offset, damage = self._records(fd, start, st.st_size)
-                self._offsets[name] = (st.st_ino, offset)
-                if damage:
-                    report("audit spool damaged", SpoolRefused(f"spool segment {path} {damage}"))
-                return count
+                done = ship_range(fd, start, st.st_size, self._ship)
+                self._offsets[name] = (st.st_ino, done.offset)
+                if done.damage():
+                    report(
+                        "audit spool damaged",
+                        SpoolRefused(f"spool segment {path} holds {done.damage()}"),
+                    )
+                return done.shipped
             return self._finish(dirfd, name, path, fd, start)
         finally:
             os.close(fd)
 
     def _finish(self, dirfd: int, name: str, path: str, fd: int, start: int) -> int:
         """A segment released (rotated) or left by a dead process: ship the rest, delete it."""
-        st = os.fstat(fd)
-        if os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_ino != st.st_ino:
+        if os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
             return 0  # finished by someone else while we opened it
-        end = st.st_size
-        count, offset, damage = self._records(fd, start, end)
         self._offsets.pop(name, None)
-        if damage:
-            os.rename(name, name + BAD_SUFFIX, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-            exc = SpoolRefused(f"spool segment {path} {damage}: moved to {path}{BAD_SUFFIX}")
-            report("audit spool: damaged segment", exc, str(exc))
-            return count
-        if offset < end:
-            logger.warning(
-                "otel-celery-publish: spool segment %s ends with %d unreadable bytes (a "
-                "process killed mid-write; that publish never reached the broker)",
-                path,
-                end - offset,
-            )
-        os.unlink(name, dir_fd=dirfd)
-        return count
-
-    def _records(self, fd: int, start: int, end: int) -> tuple[int, int, str | None]:
-        """Ship ``fd[start:end]``'s complete records: ``(count, offset reached, damage)``."""
-        count, offset, damage = 0, start, None
-        for batch, offset in scan(fd, start, end, check_row):
-            if batch.rows:
-                self._ship(batch.rows)
-                count += len(batch.rows)
-            if batch.refused:
-                damage = f"holds records that are not audit rows ({batch.refused[0]})"
-            if batch.corrupt:
-                damage = f"holds {batch.corrupt} at byte {offset}"
-        return count, offset, damage
+        return finish_segment(fd, dirfd, path, name, self._ship, start=start)
 
 
 def shipper(settings: Settings, directory: str) -> tuple[Ship, Callable[[], None]]:

@@ -31,12 +31,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import NamedTuple
 
 from sqlalchemy.engine import make_url
 
 from otel_celery_publish._guard import report
 from otel_celery_publish.sink.directories import SpoolRefused, file_problem, open_dir
-from otel_celery_publish.sink.records import CorruptRecord, Record, check_row, encode, scan
+from otel_celery_publish.sink.records import CorruptRecord, Record, encode, to_ship
 
 logger = logging.getLogger("otel_celery_publish")
 
@@ -105,22 +106,13 @@ class Spool:
             fd, end = self._fd, self.size
         if fd is None:
             return 0
-        count = 0
-        refused: list[str] = []
-        corrupt: str | None = None
-        for batch, offset in scan(fd, self.shipped, end, check_row):
-            if batch.rows:
-                ship(batch.rows)
-                count += len(batch.rows)
-            self.shipped = offset
-            refused += batch.refused
-            corrupt = batch.corrupt
-        if refused:
+        done = ship_range(fd, self.shipped, end, ship, self._reached)
+        if done.skipped:
             # We wrote these records ourselves: a row our own code builds fails check_row.
             report(
                 "audit spool read",
                 CorruptRecord(
-                    f"{len(refused)} record(s) of spool segment {self._path} skipped: {refused[0]}"
+                    f"{done.skipped} record(s) of spool segment {self._path} skipped: {done.first}"
                 ),
             )
         with self._lock:
@@ -129,12 +121,15 @@ class Spool:
                 # later records cannot be found in it: keep it aside, start a new one.
                 bad = self._set_aside()
                 exc = SpoolRefused(
-                    f"spool segment {self._path} is damaged ({corrupt}): moved to {bad}"
+                    f"spool segment {self._path} is damaged ({done.corrupt}): moved to {bad}"
                 )
                 report("audit spool damaged", exc, str(exc))
             elif self.shipped == self.size >= rotate_at:
                 self._drop()
-        return count
+        return done.shipped
+
+    def _reached(self, offset: int) -> None:
+        self.shipped = offset
 
     def close(self, *, delete: bool) -> None:
         """Release the segment; ``delete`` only when everything in it reached the database."""
@@ -256,46 +251,76 @@ def _adopt(dirfd: int, path: str, name: str, ship: Callable[[list[Record]], None
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_ino != st.st_ino:
             return 0  # adopted and deleted by someone else while we opened it
-        return _ship_segment(fd, dirfd, path, name, ship)
+        return finish_segment(fd, dirfd, path, name, ship)
     except (BlockingIOError, FileNotFoundError):
         return 0
     finally:
         os.close(fd)
 
 
-def _ship_segment(
-    fd: int, dirfd: int, path: str, name: str, ship: Callable[[list[Record]], None]
-) -> int:
-    end = os.fstat(fd).st_size
-    count = offset = 0
-    refused: list[str] = []
-    corrupt: str | None = None
-    for batch, offset in scan(fd, 0, end, check_row):  # noqa: B007 - offset read below
+class Shipped(NamedTuple):
+    """What :func:`ship_range` did."""
+
+    shipped: int  # records shipped
+    offset: int  # how far the file was read
+    skipped: int  # complete records that are not audit rows
+    first: str  # why the first skipped one was
+    corrupt: str | None  # broken framing at ``offset``: nothing after it can be read
+
+    def damage(self) -> str:
+        """What is wrong with the file, or ``""``."""
+        why = f"{self.skipped} record(s) that are not audit rows ({self.first})"
+        parts = [why] if self.skipped else []
+        parts += [f"{self.corrupt} at byte {self.offset}"] if self.corrupt else []
+        return " and ".join(parts)
+
+
+def ship_range(
+    fd: int, start: int, end: int, ship: Callable[[list[Record]], None],
+    reached: Callable[[int], None] = lambda offset: None,
+) -> Shipped:  # fmt: skip
+    """Ship the audit rows of ``fd[start:end]`` in batches; ``reached(offset)`` after each one
+    (if ``ship`` raises, what was shipped before stays shipped)."""
+    count = skipped = 0
+    first = ""
+    offset, corrupt = start, None
+    for batch, offset in to_ship(fd, start, end):
         if batch.rows:
             ship(batch.rows)
             count += len(batch.rows)
-        refused += batch.refused
+        reached(offset)
+        first = first or (batch.refused[0] if batch.refused else "")
+        skipped += len(batch.refused)
         corrupt = batch.corrupt
-    if refused or corrupt:
-        why = f"{len(refused)} record(s) that are not audit rows ({refused[0]})" if refused else ""
-        why += " and " if refused and corrupt else ""
-        why += f"{corrupt} at byte {offset}" if corrupt else ""
+    return Shipped(count, offset, skipped, first, corrupt)
+
+
+def finish_segment(
+    fd: int, dirfd: int, path: str, name: str, ship: Callable[[list[Record]], None], *,
+    start: int = 0,
+) -> int:  # fmt: skip
+    """A segment nobody appends to any more (its owner dead, or it rotated it away): ship it
+    from ``start`` and delete it, or rename it ``.bad`` if damaged; return the records shipped."""
+    end = os.fstat(fd).st_size
+    done = ship_range(fd, start, end, ship)
+    damage = done.damage()
+    if damage:
         os.rename(name, name + BAD_SUFFIX, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         exc = SpoolRefused(
-            f"spool segment {path} holds {why}: shipped the {count} readable record(s) and "
-            f"moved it to {path}{BAD_SUFFIX}"
+            f"spool segment {path} holds {damage}: shipped the {done.shipped} readable record(s) "
+            f"and moved it to {path}{BAD_SUFFIX}"
         )
         report("audit spool: damaged segment", exc, str(exc))
-        return count
-    if offset < end:
+        return done.shipped
+    if done.offset < end:
         logger.warning(
             "otel-celery-publish: spool segment %s ends with %d unreadable bytes (a "
             "process killed mid-write; that publish never reached the broker)",
             path,
-            end - offset,
+            end - done.offset,
         )
     os.unlink(name, dir_fd=dirfd)
-    return count
+    return done.shipped
 
 
 def _refuse(path: str, problem: str) -> int:
