@@ -5,6 +5,7 @@ writer ships by itself again when the sidecar is gone. Real processes, real Post
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import signal
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from otel_celery_publish import Settings
 from otel_celery_publish.rows import epoch_to_dt
@@ -29,6 +31,7 @@ from otel_celery_publish.sink.writer import AuditWriter
 from tests.audit_support import celery_audit, celery_audit_popen, validated
 from tests.conftest import BROKER, ROOT
 from tests.otlp_receiver import wait_for
+from tests.tcp_proxy import TcpProxy
 
 
 @pytest.fixture
@@ -240,6 +243,64 @@ def test_a_second_sidecar_stands_by_then_takes_over_and_then_the_writer_ships_it
         assert wait_for(lambda: _count(settings) == 3, timeout=30)
     finally:
         writer.close()
+
+
+def test_the_sidecar_rides_out_a_hung_then_a_reset_database(
+    settings: Settings, proxy: TcpProxy, sidecars: list[subprocess.Popen[str]]
+) -> None:
+    """Behind a proxy that hangs (accepts, never answers), then resets its connections: the
+    sidecar's wait ends at its deadline (it gives the hung connection up and connects again),
+    it keeps retrying without exiting, and once the database answers every record appended
+    meanwhile lands, once; the publishing side only appended all along."""
+    via = dataclasses.replace(
+        settings,
+        audit_url=make_url(settings.audit_url)
+        .set(port=proxy.port)
+        .render_as_string(hide_password=False),
+        db_timeout=0.3,
+    )
+    env = {**_env(via), "OTEL_CELERY_PUBLISH_DB_TIMEOUT": "0.3"}  # batches: 3 s each at most
+    proc = celery_audit_popen("ship", "--follow", "--interval", "0.05", settings=via, env=env)
+    sidecars.append(proc)
+    probe = SidecarProbe(_directory(via))
+    writer = AuditWriter(via)
+    try:
+        assert wait_for(probe.present, timeout=30), proc.stderr
+        batches = [[f"{name}-{i}" for i in range(50)] for name in ("before", "hung", "reset")]
+
+        def append(ids: list[str]) -> None:
+            for publish_id in ids:
+                writer.record_publish(_row(publish_id))  # type: ignore[arg-type]
+
+        append(batches[0])
+        assert wait_for(lambda: _count(settings) == 50, timeout=30)
+        accepted = proxy.accepted
+        proxy.hang()
+        append(batches[1])
+        # The hung connection given up at its deadline, a new one tried (into the hang).
+        assert wait_for(lambda: proxy.accepted > accepted, timeout=15)
+        assert proc.poll() is None and _count(settings) == 50
+        proxy.heal()
+        assert wait_for(lambda: _count(settings) == 100, timeout=30)
+        proxy.cut()  # the sidecar's pooled connection is reset under it
+        append(batches[2])
+        assert wait_for(lambda: _count(settings) == 150, timeout=30)
+        assert proc.poll() is None
+    finally:
+        writer.close()
+        probe.forget()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "shipping" in err and "retrying" in err, err
+    engine = create_engine(settings.audit_url)
+    try:
+        with engine.connect() as conn:
+            ids = conn.execute(text(f'SELECT publish_id FROM "{settings.table_name}"')).scalars()
+            assert sorted(ids) == sorted(i for batch in batches for i in batch)
+    finally:
+        engine.dispose()
+    assert not _segments(via)
 
 
 def test_ship_once_ships_live_and_dead_segments(settings: Settings) -> None:

@@ -48,7 +48,8 @@ class RowKey(TypedDict):
 
 
 class PublishRow(RowKey):
-    """The whole row for one publish attempt, written before the message goes to the broker."""
+    """The whole row for one publish attempt, written (sent, or spooled) before the message goes
+    to the broker."""
 
     attempt: int
     root_id: str | None

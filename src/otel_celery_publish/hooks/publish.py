@@ -1,5 +1,5 @@
-"""Publish side: ``before_task_publish`` opens the PRODUCER span and writes the audit row;
-``after_task_publish`` ends the span and marks the row sent.
+"""Publish side: ``before_task_publish`` opens the PRODUCER span and starts writing the audit
+row; ``after_task_publish`` sees the row durable, ends the span and marks the row sent.
 
 Between the two, the open span waits in a bounded map keyed by our publish id; a publish whose
 ``after_task_publish`` never comes (it raised) has its span ended as an error by a sweep.
@@ -150,7 +150,7 @@ class PublishHooks:
         )
         # Handed over: from here after_task_publish, or the sweep, ends the span.
         self._open.put(publish_id, _Open(span, time.monotonic(), key))
-        self._writer.record_publish(row)
+        self._writer.begin_publish(row)  # after_task_publish ends it
 
     def _sweep_abandoned(self) -> None:
         cutoff = time.monotonic() - ABANDONED_AFTER_S
@@ -163,6 +163,7 @@ class PublishHooks:
             state = self._open.pop(publish_id) if publish_id else None
             if state is None:
                 return
+            self._writer.end_publish(str(publish_id))  # the row is durable when apply_async returns
             state.span.end()
             # Batched from memory in every mode: a crash may lose the last moment's sent_at
             # (the row and the worker's received_at still tell), never the row itself.

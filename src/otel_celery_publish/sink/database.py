@@ -8,7 +8,9 @@ How long each wait may take (the mechanism is :mod:`.deadline`):
 
 * a ``sync`` publish has one deadline, ``db_timeout`` from its start, covering the wait for the
   shared sync connection, the engine's setup (a cold process connects and migrates), connecting
-  and the statement; past it the row goes to the spool.
+  and the statement; past it the row goes to the spool. On PostgreSQL its upsert is sent before
+  the message goes to the broker and its result read after (:meth:`Database.send_now`,
+  :meth:`Database.settle_now`): the database's round trip overlaps the broker's.
 * the shipping thread's operations are bounded by ``SHIP_TIMEOUT_FACTOR * db_timeout`` each
   (connecting by ``db_timeout``): a batch moves up to a 512 KB spool chunk or ``max_pending``
   rows in one statement and may wait for row locks, so it gets more time than one row, but a
@@ -19,18 +21,20 @@ How long each wait may take (the mechanism is :mod:`.deadline`):
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import importlib
+import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
-from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy import JSON, Connection, Engine, LargeBinary, Table, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -85,6 +89,70 @@ class _Prepared:
     @functools.cached_property
     def _processed(self) -> tuple[tuple[int, Callable[[Any], Any]], ...]:
         return tuple((self.columns.index(name), f) for name, f in self.processors.items())
+
+
+class SyncFailure(NamedTuple):
+    """A sync row whose upsert failed after it was sent (:meth:`Database.take_failed`): the
+    writer repairs, quarantines or spools it, as for a failed :meth:`Database.insert_now`."""
+
+    row: Record
+    exc: Exception
+    deadline: float
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """The sync row sent on the connection whose result is not read yet (at most one)."""
+
+    row: Record
+    deadline: float
+    sent: float  # monotonic
+
+
+# How a value goes to the server: text input format, bytea binary, or JSON text.
+_TEXT, _BYTEA, _JSON = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class _Statement:
+    """A sync upsert prepared on the server for libpq's own calls: name, how each value goes."""
+
+    name: bytes
+    columns: tuple[str, ...]
+    kinds: tuple[int, ...]  # _TEXT, _BYTEA or _JSON per column
+    formats: tuple[int, ...]  # libpq's parameter formats: 1 (binary) for bytea
+
+    def params(self, row: Record) -> list[bytes | None]:
+        return [_param(row[c], kind) for c, kind in zip(self.columns, self.kinds, strict=True)]
+
+
+def _param(value: Any, kind: int) -> bytes | None:
+    """One value as libpq sends it (None: NULL; JSON None is JSON ``null``, as SQLAlchemy
+    binds it). Text parameters end at a NUL byte there (libpq reads them as C strings), so
+    text holding one is refused here, as psycopg refuses it, never cut."""
+    if kind == _JSON:
+        value = json.dumps(value)
+    elif value is None:
+        return None
+    elif kind == _BYTEA:
+        if not isinstance(value, bytes):
+            raise TypeError(f"cannot adapt {type(value).__name__} to a bytea audit column")
+        return value
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+        text = value
+    elif isinstance(value, bool):
+        text = "t" if value else "f"
+    elif isinstance(value, int):
+        text = int.__repr__(value)
+    elif isinstance(value, float):
+        text = float.__repr__(value)
+    elif isinstance(value, datetime.date):  # datetimes too
+        text = value.isoformat()
+    else:
+        raise TypeError(f"cannot adapt {type(value).__name__} to an audit column")
+    return text.encode()
 
 
 def preload_driver(url: str) -> None:
@@ -173,6 +241,11 @@ class Database:
         self._dialect = ""
         self._prepared: dict[tuple[str, ...], _Prepared] = {}
         self._busy_ms = 0  # SQLite: the sync connection's current lock wait bound
+        # PostgreSQL: upserts prepared on the sync connection, the row sent on it and not read
+        # back yet, and the rows that failed after they were sent (see send_now).
+        self._statements_on: dict[tuple[str, ...], _Statement] = {}
+        self._inflight: _InFlight | None = None
+        self._failed: list[SyncFailure] = []
 
     def engine(self) -> Engine:
         with self._lock:
@@ -204,24 +277,71 @@ class Database:
         """
         if deadline is None:
             deadline = time.monotonic() + self.settings.db_timeout
+        with self._sync_connection(deadline) as raw:
+            prepared = self._prepared.get(tuple(row)) or self._prepare(tuple(row))
+            if self._dialect == "postgresql":
+                raw.execute(prepared.sql, prepared.params(row), prepare=True).close()
+            else:
+                self._sqlite_busy(deadline)
+                raw.execute(prepared.sql, prepared.params(row)).close()
+
+    def send_now(self, row: Record, deadline: float) -> None:
+        """Send one row's upsert and return without waiting for the database (PostgreSQL):
+        :meth:`settle_now` reads its result, by ``deadline`` (a failure then comes out of
+        :meth:`take_failed`). It is on the wire when this returns, so before a message sent
+        next. SQLite: committed now, as :meth:`insert_now`. Raises as :meth:`insert_now` when
+        the row could not be sent; a row sent earlier is settled first."""
+        if not self.settings.audit_url.startswith("postgresql"):
+            self.insert_now(row, deadline)
+            return
+        with self._sync_connection(deadline) as raw:
+            from psycopg.generators import send  # noqa: PLC0415 - PostgreSQL only
+
+            statement = self._statements_on.get(tuple(row)) or self._server_prepare(tuple(row))
+            raw.pgconn.send_query_prepared(statement.name, statement.params(row), statement.formats)
+            raw.wait(send(raw.pgconn))
+            self._inflight = _InFlight(row, deadline, time.monotonic())
+
+    def settle_now(self, publish_id: str | None = None, *, older_than: float = 0.0) -> None:
+        """Read the result of the row in flight - ``publish_id``'s (default: any) sent at least
+        ``older_than`` seconds ago - if there is one; waits no longer than its deadline."""
+        flight = self._inflight
+        if flight is None or (publish_id is not None and flight.row["publish_id"] != publish_id):
+            return
+        if time.monotonic() - flight.sent < older_than:
+            return
+        # Another thread holding the connection settles this row first, by the same deadline.
+        if self._sync_lock.acquire(timeout=max(0.0, flight.deadline - time.monotonic())):
+            try:
+                if self._inflight is flight:
+                    self._read_inflight()
+            finally:
+                self._sync_lock.release()
+
+    def take_failed(self) -> list[SyncFailure]:
+        """The rows sent and then failed since the last call (their writer must settle them)."""
+        failed = self._failed[:]
+        del self._failed[: len(failed)]
+        return failed
+
+    @contextlib.contextmanager
+    def _sync_connection(self, deadline: float) -> Iterator[Any]:
+        """The sync connection, held until the block ends, and free of a row in flight: every
+        wait ends by ``deadline``; on failure the connection is dropped unless only a value was
+        refused (that leaves it as it was)."""
         if not self._sync_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise DeadlineExceeded(
                 f"the audit connection stayed busy for {self.settings.db_timeout}s "
                 "(another publish is waiting for the database)"
             )
-        columns = tuple(row)
         saved = thread_deadline.at
-        thread_deadline.at = deadline  # read by the PostgreSQL connection's waits
         try:
             with suppress_instrumentation():
+                self._read_inflight()
+                thread_deadline.at = deadline  # read by the PostgreSQL connection's waits
                 if self._raw is None:
                     self._raw = self._connect_sync(deadline)
-                prepared = self._prepared.get(columns) or self._prepare(columns)
-                if self._dialect == "postgresql":
-                    self._raw.execute(prepared.sql, prepared.params(row), prepare=True).close()
-                else:
-                    self._sqlite_busy(deadline)
-                    self._raw.execute(prepared.sql, prepared.params(row)).close()
+                yield self._raw
         except BaseException as exc:
             # A refused value leaves the connection as it was; anything else may not have.
             if not (isinstance(exc, Exception) and is_refusal(exc)) or self._broken():
@@ -230,6 +350,70 @@ class Database:
         finally:
             thread_deadline.at = saved
             self._sync_lock.release()
+
+    def _read_inflight(self) -> None:
+        """Read the result of the row in flight, if any, by its deadline; a failure goes to
+        :meth:`take_failed`. The caller holds the sync lock. The row stays in flight until it
+        is read: its own publish's :meth:`settle_now` waits for whoever reads it."""
+        flight = self._inflight
+        if flight is None:
+            return
+        from psycopg import errors, pq  # noqa: PLC0415 - PostgreSQL only
+        from psycopg.generators import fetch_many  # noqa: PLC0415
+
+        saved = thread_deadline.at
+        thread_deadline.at = flight.deadline
+        try:
+            for result in self._raw.wait(fetch_many(self._raw.pgconn)):
+                if result.status != pq.ExecStatus.COMMAND_OK:
+                    raise errors.error_from_result(result, encoding=self._raw.info.encoding)
+        except BaseException as exc:
+            self._inflight = None
+            failure = exc if isinstance(exc, Exception) else DeadlineExceeded(repr(exc))
+            self._failed.append(SyncFailure(flight.row, failure, flight.deadline))
+            if not is_refusal(failure) or self._broken():
+                self._drop_sync()
+            if failure is not exc:
+                raise
+        else:
+            self._inflight = None
+        finally:
+            thread_deadline.at = saved
+
+    def _server_prepare(self, columns: tuple[str, ...]) -> _Statement:
+        """PREPARE the upsert of ``columns`` on the sync connection (once per connection)."""
+        from psycopg import errors, pq, sql  # noqa: PLC0415 - PostgreSQL only
+        from psycopg.generators import fetch_many, send  # noqa: PLC0415
+
+        ident = sql.Identifier
+        names = sql.SQL(", ").join(map(ident, columns))
+        updates = [
+            sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in columns if c != "publish_id"
+        ]
+        text = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (publish_id) {}").format(
+            ident(self.table.name),
+            names,
+            sql.SQL(", ").join(sql.SQL(f"${i}") for i in range(1, len(columns) + 1)),
+            sql.SQL("DO UPDATE SET ") + sql.SQL(", ").join(updates)
+            if updates
+            else sql.SQL("DO NOTHING"),
+        )
+        raw = self._raw
+        name = f"otel_celery_publish_{len(self._statements_on)}".encode()
+        raw.pgconn.send_prepare(name, text.as_bytes(raw))
+        raw.wait(send(raw.pgconn))
+        for result in raw.wait(fetch_many(raw.pgconn)):
+            if result.status != pq.ExecStatus.COMMAND_OK:
+                raise errors.error_from_result(result, encoding=raw.info.encoding)
+        types = [self.table.c[c].type for c in columns]
+        kinds = tuple(
+            _JSON if isinstance(t, JSON) else _BYTEA if isinstance(t, LargeBinary) else _TEXT
+            for t in types
+        )
+        formats = tuple(int(kind == _BYTEA) for kind in kinds)
+        statement = _Statement(name, columns, kinds, formats)
+        self._statements_on[columns] = statement
+        return statement
 
     def upsert(self, rows: list[Record]) -> None:
         """Upsert ``rows`` (merged per publish_id, later records win), one statement per
@@ -331,6 +515,8 @@ class Database:
             return
         try:
             with self._sync_lock:
+                with contextlib.suppress(Exception):  # a failure goes to take_failed
+                    self._read_inflight()
                 self._drop_sync()
                 if self._engine is not None:
                     self._engine.dispose()
@@ -408,6 +594,11 @@ class Database:
         return prepared
 
     def _drop_sync(self) -> None:
+        flight, self._inflight = self._inflight, None
+        if flight is not None:  # its result is gone with the connection
+            lost = DeadlineExceeded("the audit connection was closed before the row's result")
+            self._failed.append(SyncFailure(flight.row, lost, flight.deadline))
+        self._statements_on.clear()
         fairy, self._fairy, self._raw = self._fairy, None, None
         if fairy is not None:
             with contextlib.suppress(Exception):  # already failing; that error is reported

@@ -2,11 +2,13 @@
 
 One :class:`AuditWriter` per process. Two entry points:
 
-* :meth:`AuditWriter.record_publish` - the publish row, made durable before the message goes to
-  the broker, as the durability mode promises:
+* :meth:`AuditWriter.record_publish` - the publish row, made durable before ``apply_async``
+  returns, as the durability mode promises (the publish hooks call it in two halves around the
+  broker send, :meth:`AuditWriter.begin_publish` and :meth:`AuditWriter.end_publish`):
 
   - ``sync``: committed in the audit database (one prepared single-row upsert on a warm raw
-    connection); if the database fails, the row goes to the spool instead, loudly;
+    connection, sent before the message and read back after it); if the database fails, the
+    row goes to the spool instead, loudly;
   - ``spool``: appended to this process's local spool file and handed to the OS;
   - ``async``: queued in memory (may lose the last moments on a crash).
 
@@ -68,6 +70,9 @@ RETRY_BACKOFF_MAX_S = 30.0
 # A fully shipped segment is deleted once it is this large (less re-shipping after a crash).
 ROTATE_AT_BYTES = 4 << 20
 ADOPT_EVERY_S = 60.0
+# A sync row still in flight this long after it was sent belongs to a publish that raised (no
+# end_publish comes): the shipping thread reads its result.
+ABANDONED_S = 1.0
 
 
 @dataclass
@@ -113,6 +118,7 @@ class AuditWriter:
             self._spool.forget()
             self._sidecar.forget()
         self._lock = threading.Lock()
+        self._settle_lock = threading.Lock()
         self.db = Database(self.settings, self.table)
         self._spool = Spool(
             self.spool_dir, fsync=self.settings.spool_fsync, max_bytes=self.settings.spool_max_bytes
@@ -136,6 +142,15 @@ class AuditWriter:
     def record_publish(self, row: PublishRow) -> None:
         """Make the publish row durable now, as the durability mode says; never raises, and
         never takes more than ``db_timeout`` (plus a few milliseconds) in ``sync`` mode."""
+        self.begin_publish(row)
+        self.end_publish(row["publish_id"])
+
+    def begin_publish(self, row: PublishRow) -> None:
+        """:meth:`record_publish` in two halves around the broker send, so that in ``sync``
+        mode on PostgreSQL the database's round trip overlaps the broker's: the row's upsert
+        is sent here, before the message, and :meth:`end_publish` reads its result (a row it
+        failed is then repaired, quarantined or spooled). Never raises; both halves together
+        take at most ``db_timeout`` (plus a few milliseconds)."""
         record = cast(Record, row)  # the same dict: the sink stores it as it is
         mode = self.settings.durability
         if mode == "sync":
@@ -144,16 +159,42 @@ class AuditWriter:
             if time.monotonic() >= self._breaker_until:
                 deadline = time.monotonic() + self.settings.db_timeout
                 try:
-                    self.db.insert_now(record, deadline)
+                    self.db.send_now(record, deadline)
                     return
                 except Exception as exc:
                     if self._sync_refused(record, exc, deadline):
                         return
+                finally:
+                    self._settle()  # earlier rows found failed while sending this one
             self._fallbacks.add(1)
         if mode == "async":
             self._enqueue(record)
         else:
             self._to_spool(record)
+
+    def end_publish(self, publish_id: str | None = None) -> None:
+        """Wait for the row :meth:`begin_publish` sent (``publish_id``'s; default any) to be
+        committed, or settled otherwise. Never raises."""
+        if self.settings.durability == "sync":
+            try:
+                self.db.settle_now(publish_id)
+            finally:
+                self._settle()
+
+    def _settle(self, older_than: float | None = None) -> None:
+        """Rows whose sync upsert failed after it was sent: repaired and committed, or
+        quarantined, or spooled (as :meth:`begin_publish` does with a write that fails). One
+        thread at a time, so an :meth:`end_publish` returns after its own row is settled.
+        ``older_than``: first read the result of a row in flight for that long (a publish
+        whose message never went, so ``end_publish`` never came)."""
+        with self._settle_lock:
+            if older_than is not None:
+                self.db.settle_now(older_than=older_than)
+            while failed := self.db.take_failed():
+                for row, exc, deadline in failed:
+                    if not self._sync_refused(row, exc, deadline):
+                        self._fallbacks.add(1)
+                        self._to_spool(row)
 
     def _sync_refused(self, row: Record, exc: Exception, deadline: float) -> bool:
         """After a failed sync write: True when the row was refused and is now repaired and
@@ -203,10 +244,12 @@ class AuditWriter:
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Ship everything queued and spooled so far; True when it reached the database."""
+        self.end_publish()
         return self._signal(_Flush(), timeout)
 
     def close(self, timeout: float | None = 10.0) -> bool:
         """Flush, stop the thread and close connections; later writes start afresh."""
+        self.end_publish()
         flushed = self._signal(_Flush(stop=True), timeout)
         self.db.dispose()
         return flushed
@@ -264,6 +307,10 @@ class AuditWriter:
             waiters: list[_Flush] = []
             self._wake.wait(max(0.0, next_ship - time.monotonic()))
             self._wake.clear()
+            try:
+                self._settle(older_than=ABANDONED_S)
+            except Exception as exc:  # never the end of this thread
+                report("audit write", exc)
             self._take_queued(pending, waiters)
             if waiters or time.monotonic() >= next_ship:
                 # A flush or close ships itself: its promise must not depend on the sidecar.
