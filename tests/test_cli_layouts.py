@@ -383,3 +383,20 @@ def test_replay_refuses_an_exporter_it_cannot_build(
         monkeypatch.setenv(name, value)
     with pytest.raises(AuditError, match=expected):
         _publishing._span_exporters()
+
+
+def test_exporters_built_before_one_that_fails_are_shut_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OTEL_TRACES_EXPORTER=otlp_proto_http,zipkin_json: the HTTP exporter already built (its
+    session) is shut down when the second cannot be, not left to a long-lived process."""
+    shut: list[object] = []
+
+    def shutdown(self: HttpSpanExporter) -> None:
+        shut.append(self)
+
+    monkeypatch.setattr(HttpSpanExporter, "shutdown", shutdown)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp_proto_http,zipkin_json")
+    with pytest.raises(AuditError, match="names 'zipkin_json'"):
+        _publishing._span_exporters()
+    assert [type(e) for e in shut] == [HttpSpanExporter]

@@ -136,23 +136,33 @@ def _span_exporters() -> list[SpanExporter]:
         names = "otlp"
     if not names or names.lower() == "none":
         return []
-    exporters = []
-    for name in (n.strip() for n in names.split(",")):
-        entry = OTLP_BY_PROTOCOL.get(_otlp_protocol()) if name == "otlp" else name
-        found = list(entry_points(group=EXPORTERS, name=entry or ""))
-        if not found:
-            raise AuditError(
-                f"OTEL_TRACES_EXPORTER names {name!r}"
-                + (f" over protocol {_otlp_protocol()!r}" if name == "otlp" else "")
-                + ": no such span exporter is installed"
-            )
-        try:
-            exporters.append(found[0].load()())
-        except Exception as exc:  # the exporter's own import or its reading of its variables
-            raise AuditError(
-                f"OTEL_TRACES_EXPORTER {name!r}: {type(exc).__name__}: {first_line(exc)}"
-            ) from None
+    exporters: list[SpanExporter] = []
+    try:
+        for name in (n.strip() for n in names.split(",")):
+            exporters.append(_span_exporter(name))
+    except AuditError:
+        for built in exporters:  # their sessions and threads: the admin's process lives on
+            built.shutdown()
+        raise
     return exporters
+
+
+def _span_exporter(name: str) -> SpanExporter:
+    entry = OTLP_BY_PROTOCOL.get(_otlp_protocol()) if name == "otlp" else name
+    found = list(entry_points(group=EXPORTERS, name=entry or ""))
+    if not found:
+        raise AuditError(
+            f"OTEL_TRACES_EXPORTER names {name!r}"
+            + (f" over protocol {_otlp_protocol()!r}" if name == "otlp" else "")
+            + ": no such span exporter is installed"
+        )
+    try:
+        exporter: SpanExporter = found[0].load()()
+    except Exception as exc:  # the exporter's own import or its reading of its variables
+        raise AuditError(
+            f"OTEL_TRACES_EXPORTER {name!r}: {type(exc).__name__}: {first_line(exc)}"
+        ) from None
+    return exporter
 
 
 def _otlp_protocol() -> str:
