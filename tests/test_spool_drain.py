@@ -8,7 +8,6 @@ import os
 import pickle
 import random
 import threading
-import uuid
 import zlib
 from pathlib import Path
 from typing import Any
@@ -21,22 +20,13 @@ from otel_celery_publish.schema.table import audit_table
 from otel_celery_publish.sink import records
 from otel_celery_publish.sink.database import COPY_MIN_ROWS, Database
 from otel_celery_publish.sink.records import CorruptRecord, check_row, encode, to_ship
+from tests.test_bad_records import _row as _bare_row
 
 NOW = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
 
 
 def _row(**columns: Any) -> dict[str, Any]:
-    publish_id = uuid.uuid4().hex
-    row = {
-        "publish_id": publish_id,
-        "task_id": f"task-{publish_id}",
-        "task_name": "tests.add",
-        "published_at": NOW,
-        "payload": b"[[1], {}, {}]",
-        "options": {"serializer": "json"},
-    }
-    row.update(columns)
-    return row
+    return _bare_row(**{"payload": b"[[1], {}, {}]", "options": {"serializer": "json"}, **columns})
 
 
 def _sent(row: dict[str, Any], minutes: int = 1) -> dict[str, Any]:

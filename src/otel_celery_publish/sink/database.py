@@ -226,6 +226,28 @@ def _copy(cur: Any, into: Any, names: Any, prepared: _Prepared, rows: list[Recor
             copy.write_row(prepared.values(row))
 
 
+def _set_excluded(columns: Iterable[str]) -> Any:
+    """``c = EXCLUDED.c, ...`` for the upsert of ``columns`` (all but the key)."""
+    from psycopg import sql  # noqa: PLC0415 - only with PostgreSQL (the optional extra)
+
+    return sql.SQL(", ").join(
+        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
+        for c in columns
+        if c != "publish_id"
+    )
+
+
+def _results(raw: Any) -> None:
+    """Wait (bounded, see :mod:`.deadline`) for the results of what was sent on ``raw`` through
+    libpq; raise the first error as psycopg would."""
+    from psycopg import errors, pq  # noqa: PLC0415 - only with PostgreSQL (the optional extra)
+    from psycopg.generators import fetch_many  # noqa: PLC0415
+
+    for result in raw.wait(fetch_many(raw.pgconn)):
+        if result.status != pq.ExecStatus.COMMAND_OK:
+            raise errors.error_from_result(result, encoding=raw.info.encoding)
+
+
 class Database:
     """The audit database: a pooled engine for batches, one warm raw connection for sync rows."""
 
@@ -320,6 +342,8 @@ class Database:
 
     def take_failed(self) -> list[SyncFailure]:
         """The rows sent and then failed since the last call (their writer must settle them)."""
+        if not self._failed:
+            return []  # every publish asks, twice: nothing to copy
         failed = self._failed[:]
         del self._failed[: len(failed)]
         return failed
@@ -358,15 +382,10 @@ class Database:
         flight = self._inflight
         if flight is None:
             return
-        from psycopg import errors, pq  # noqa: PLC0415 - PostgreSQL only
-        from psycopg.generators import fetch_many  # noqa: PLC0415
-
         saved = thread_deadline.at
         thread_deadline.at = flight.deadline
         try:
-            for result in self._raw.wait(fetch_many(self._raw.pgconn)):
-                if result.status != pq.ExecStatus.COMMAND_OK:
-                    raise errors.error_from_result(result, encoding=self._raw.info.encoding)
+            _results(self._raw)
         except BaseException as exc:
             self._inflight = None
             failure = exc if isinstance(exc, Exception) else DeadlineExceeded(repr(exc))
@@ -382,29 +401,22 @@ class Database:
 
     def _server_prepare(self, columns: tuple[str, ...]) -> _Statement:
         """PREPARE the upsert of ``columns`` on the sync connection (once per connection)."""
-        from psycopg import errors, pq, sql  # noqa: PLC0415 - PostgreSQL only
-        from psycopg.generators import fetch_many, send  # noqa: PLC0415
+        from psycopg import sql  # noqa: PLC0415 - PostgreSQL only
+        from psycopg.generators import send  # noqa: PLC0415
 
-        ident = sql.Identifier
-        names = sql.SQL(", ").join(map(ident, columns))
-        updates = [
-            sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in columns if c != "publish_id"
-        ]
         text = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (publish_id) {}").format(
-            ident(self.table.name),
-            names,
+            sql.Identifier(self.table.name),
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
             sql.SQL(", ").join(sql.SQL(f"${i}") for i in range(1, len(columns) + 1)),
-            sql.SQL("DO UPDATE SET ") + sql.SQL(", ").join(updates)
-            if updates
+            sql.SQL("DO UPDATE SET ") + _set_excluded(columns)
+            if len(columns) > 1
             else sql.SQL("DO NOTHING"),
         )
         raw = self._raw
         name = f"otel_celery_publish_{len(self._statements_on)}".encode()
         raw.pgconn.send_prepare(name, text.as_bytes(raw))
         raw.wait(send(raw.pgconn))
-        for result in raw.wait(fetch_many(raw.pgconn)):
-            if result.status != pq.ExecStatus.COMMAND_OK:
-                raise errors.error_from_result(result, encoding=raw.info.encoding)
+        _results(raw)
         types = [self.table.c[c].type for c in columns]
         kinds = tuple(
             _JSON if isinstance(t, JSON) else _BYTEA if isinstance(t, LargeBinary) else _TEXT
@@ -492,11 +504,7 @@ class Database:
                     ).format(stage, table)
                 )
                 _copy(cur, stage, names, prepared, rows)
-                updates = sql.SQL(", ").join(
-                    sql.SQL("{0} = EXCLUDED.{0}").format(ident(c))
-                    for c in columns
-                    if c != "publish_id"
-                )
+                updates = _set_excluded(columns)
                 # Emptied as it is read: the next group of this transaction stages its own.
                 cur.execute(
                     sql.SQL(
