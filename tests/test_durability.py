@@ -3,6 +3,7 @@ processes sharing a spool directory, fork after instrument(), and a real worker 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import os
@@ -22,9 +23,10 @@ from sqlalchemy.engine import Engine, make_url
 
 from otel_celery_publish import CeleryPublishInstrumentor, Settings
 from otel_celery_publish.schema.table import audit_table
+from otel_celery_publish.sink.records import read_batches
 from otel_celery_publish.sink.shipping import drain_spool
 from otel_celery_publish.sink.spool import SUFFIX, target_dir
-from otel_celery_publish.sink.writer import AuditWriter
+from otel_celery_publish.sink.writer import OUTAGE_SPILL, AuditWriter
 from tests.app import add
 from tests.conftest import BROKER, ROOT, audit_rows, wait_row
 from tests.otlp_receiver import wait_for
@@ -202,6 +204,44 @@ def test_processes_share_a_spool_directory_and_adopt_the_dead(
     assert newcomer.wait(60) == 0
     assert _counts(pg, ids) == dict.fromkeys(ids, 1)
     assert _segments(directory) == []
+
+
+def test_an_outage_moves_waiting_updates_to_the_spool_early(
+    proxy: TcpProxy, pg_url: str, pg: Engine, tmp_path: Path, internal_errors: list[Any]
+) -> None:
+    """While the database is down, the updates waiting in memory (each publish's "sent", in
+    every mode) go to the spool once OUTAGE_SPILL of them wait, not max_pending: a crash then
+    loses at most that many, and each lands near its row, where a drain merges the two. They
+    ship once the database is back."""
+    proxy.stop()
+    url = make_url(pg_url).set(port=proxy.port).render_as_string(hide_password=False)
+    settings = Settings(audit_url=url, durability="spool", spool_dir=str(tmp_path))
+    writer = AuditWriter(dataclasses.replace(settings, flush_interval=3600, db_timeout=1.0))
+    ids = [f"outage-spill-{os.getpid()}-{i}" for i in range(OUTAGE_SPILL + 1)]
+    assert len(ids) < writer.settings.max_pending
+    writer.start()
+    wait_for(lambda: writer._failing or None, 10, "the first shipping attempt to fail")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for i in ids:
+        update = {"publish_id": i, "task_id": i, "task_name": "t", "published_at": now}
+        writer.record_update({**update, "sent_at": now}, best_effort=True)  # type: ignore[typeddict-item]
+
+    def spooled() -> bool | None:
+        found: set[str] = set()
+        for name in _segments(writer.spool_dir):
+            fd = os.open(os.path.join(writer.spool_dir, name), os.O_RDONLY)
+            try:
+                for rows, _ in read_batches(fd, 0, os.fstat(fd).st_size):
+                    found.update(row["publish_id"] for row in rows)
+            finally:
+                os.close(fd)
+        return found >= set(ids) or None
+
+    wait_for(spooled, 10, "the waiting updates in the spool")
+    proxy.start()
+    assert writer.close(10)
+    assert _counts(pg, ids) == dict.fromkeys(ids, 1)
+    _expect_reported(internal_errors)
 
 
 def test_fork_after_instrument_keeps_parent_and_child_apart(

@@ -17,7 +17,7 @@ from kombu import serialization
 
 from otel_celery_publish import headers as hdr
 from otel_celery_publish import redaction, rows
-from otel_celery_publish.sink.records import HEADER, Decoded, check_row, decode, encode
+from otel_celery_publish.sink.records import HEADER, Decoded, check_row, decode, encode, load_row
 
 # No example database: the tests leave nothing behind in the work tree.
 PROPERTY = settings(
@@ -271,7 +271,7 @@ def test_spool_records_round_trip_and_a_cut_keeps_whole_records(
     the cut and stops cleanly (nothing refused, nothing called corrupt)."""
     frames = [encode(row) for row in batch]
     data = b"".join(frames)
-    assert decode(data, check_row) == Decoded(batch, len(data), [], None)
+    assert decode(data, load_row) == Decoded(batch, len(data), [], None)
     cut %= len(data) + 1
     whole, used = 0, 0
     for frame in frames:
@@ -279,7 +279,7 @@ def test_spool_records_round_trip_and_a_cut_keeps_whole_records(
             break
         used += len(frame)
         whole += 1
-    assert decode(data[:cut], check_row) == Decoded(batch[:whole], used, [], None)
+    assert decode(data[:cut], load_row) == Decoded(batch[:whole], used, [], None)
 
 
 def _assert_clean(result: Decoded, size: int) -> None:
@@ -292,7 +292,7 @@ def _assert_clean(result: Decoded, size: int) -> None:
 @given(data=st.binary(max_size=2048))
 def test_decode_never_raises_on_arbitrary_bytes(data: bytes) -> None:
     """decode() of any bytes returns what it could read and refusals, never an exception."""
-    _assert_clean(decode(data, check_row), len(data))
+    _assert_clean(decode(data, load_row), len(data))
 
 
 @PROPERTY
@@ -300,7 +300,7 @@ def test_decode_never_raises_on_arbitrary_bytes(data: bytes) -> None:
 def test_decode_never_raises_on_well_framed_garbage(payload: bytes, extra: bytes) -> None:
     """A record whose length and CRC are right but whose content is garbage is refused alone."""
     data = HEADER.pack(len(payload), zlib.crc32(payload)) + payload + extra
-    _assert_clean(decode(data, check_row), len(data))
+    _assert_clean(decode(data, load_row), len(data))
 
 
 @PROPERTY
@@ -317,4 +317,4 @@ def test_decode_never_raises_on_mutated_pickles(row: dict[str, Any], flips: list
     for position, mask in flips:
         data[position % len(data)] ^= mask
     framed = HEADER.pack(len(data), zlib.crc32(data)) + bytes(data)
-    _assert_clean(decode(framed, check_row), len(framed))
+    _assert_clean(decode(framed, load_row), len(framed))

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from otel_celery_publish import Settings
 from otel_celery_publish.sink import spool as spool_mod
-from otel_celery_publish.sink.records import HEADER, Decoded, check_row, decode, encode
+from otel_celery_publish.sink.records import HEADER, Decoded, decode, encode, load_row
 from otel_celery_publish.sink.spool import Spool, SpoolFull, adopt_orphans
 from otel_celery_publish.sink.writer import PROCESS_HOOKS, AuditWriter
 from tests.otlp_receiver import wait_for
@@ -35,8 +35,8 @@ def test_records_round_trip_and_a_torn_tail_is_left_out() -> None:
     """decode() returns whole records and stops at a record cut short by a crash."""
     rows = [_row("a"), {**_row("b"), "payload": b"\x00\xff", "options": {"x": [1, 2.5, None]}}]
     data = b"".join(encode(r) for r in rows)
-    assert decode(data, check_row) == Decoded(rows, len(data), [], None)
-    assert decode(data + encode(_row("c"))[:-1], check_row) == Decoded(rows, len(data), [], None)
+    assert decode(data, load_row) == Decoded(rows, len(data), [], None)
+    assert decode(data + encode(_row("c"))[:-1], load_row) == Decoded(rows, len(data), [], None)
 
 
 def test_a_corrupt_record_is_not_read_past() -> None:

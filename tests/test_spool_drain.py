@@ -4,6 +4,7 @@ COPY straight into the table or through the stage, on real files and PostgreSQL.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import pickle
 import random
@@ -17,9 +18,11 @@ from sqlalchemy import Engine
 
 from otel_celery_publish import Settings
 from otel_celery_publish.schema.table import audit_table
-from otel_celery_publish.sink import records
+from otel_celery_publish.sink import records, shipping
 from otel_celery_publish.sink.database import COPY_MIN_ROWS, Database
 from otel_celery_publish.sink.records import CorruptRecord, check_row, encode, to_ship
+from otel_celery_publish.sink.shipping import DRAIN_GC_THRESHOLD, drain_spool
+from otel_celery_publish.sink.spool import SUFFIX, target_dir
 from tests.test_bad_records import _row as _bare_row
 
 NOW = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
@@ -143,10 +146,26 @@ def test_timestamps_are_framed_as_microseconds_and_old_frames_still_read() -> No
     raw = pickle.loads(frame[records.HEADER.size :])
     assert type(raw["published_at"]) is int and type(raw["sent_at"]) is int
     assert raw["eta"] == row["eta"]  # not UTC: kept a datetime
-    assert records.decode(frame, check_row).rows == [row]
+    assert records.decode(frame, records.load_row).rows == [row]
     data = pickle.dumps(before, protocol=pickle.HIGHEST_PROTOCOL)  # as an earlier version wrote
     old = records.HEADER.pack(len(data), zlib.crc32(data)) + data
-    assert records.decode(old, check_row).rows == [row]
+    assert records.decode(old, records.load_row).rows == [row]
+
+
+def test_a_framed_timestamp_is_not_a_row_and_an_absurd_one_is_refused() -> None:
+    """Microseconds are the frame's business: check_row (rows in memory) refuses an int in a
+    timestamp column; a frame whose microseconds no datetime can hold is refused, not raised,
+    and the records after it still read."""
+    row = _row()
+    with pytest.raises(CorruptRecord, match="column published_at cannot hold a int"):
+        check_row({**row, "published_at": 1})
+    frames = b""
+    for absurd in (10**20, -(10**20), 1 << 20_000):  # the last has more digits than str() writes
+        data = pickle.dumps({**row, "published_at": absurd}, protocol=pickle.HIGHEST_PROTOCOL)
+        frames += records.HEADER.pack(len(data), zlib.crc32(data)) + data
+    decoded = records.decode(frames + encode(row), records.load_row)
+    assert decoded.rows == [row]
+    assert decoded.refused == ["a timestamp beyond the years a datetime holds"] * 3
 
 
 class _Zone(datetime.tzinfo):
@@ -205,3 +224,71 @@ def test_every_group_of_a_batch_commits_together(db: Database, pg: Engine) -> No
     with pytest.raises(Exception, match=r"0x00"):
         db.upsert([*rows, *updates])
     assert _stored(pg, [*rows, *updates]) == {}
+
+
+def test_a_copy_stores_every_column_type_as_a_statement_does(db: Database, pg: Engine) -> None:
+    """COPY (a batch of COPY_MIN_ROWS or more) sends values as they are and JSON as its text:
+    what it stores is exactly what the row-by-row upsert of a small batch stores, microseconds
+    and an offset, floats to the last bit, any byte, non-ASCII and escapes, JSON null, nested
+    JSON, booleans."""
+    plus_five = datetime.timezone(datetime.timedelta(hours=5, minutes=30))
+
+    def typed(options: Any) -> dict[str, Any]:
+        return _row(
+            task_name="tests.añd ☃",
+            published_at=datetime.datetime(2026, 2, 3, 4, 5, 6, 789012, tzinfo=plus_five),
+            attempt=2**31 - 1,
+            payload=bytes(range(256)),
+            payload_redacted=True,
+            acks_late=False,
+            options=options,
+            runtime_s=0.1 + 0.2,
+            exception_message="line\nbreak\ttab \\ backslash 'quote' \"dq\" \\N",
+        )
+
+    documents = [None, {"headers": {"x": [1, 2.5, None, "ü"]}, "time_limit": None}, [], "s"]
+    copied = [typed(documents[i % len(documents)]) for i in range(COPY_MIN_ROWS)]
+    one_by_one = [typed(documents[i % len(documents)]) for i in range(len(documents))]
+    db.upsert(copied)
+    db.upsert(one_by_one)
+    stored = _stored(pg, [*copied, *one_by_one])
+    for row in [*copied, *one_by_one]:
+        assert {k: stored[row["publish_id"]][k] for k in row} == row
+    with pg.connect() as conn:
+        kinds = conn.exec_driver_sql(
+            "SELECT json_typeof(options), count(*) FROM celery_publish_audit "
+            "WHERE publish_id = ANY(%(ids)s) GROUP BY 1 ORDER BY 1",
+            {"ids": [r["publish_id"] for r in copied]},
+        ).all()
+    assert kinds == [("array", 25), ("null", 25), ("object", 25), ("string", 25)]
+
+
+def test_a_drain_defers_young_collections_and_restores_them(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a drain runs, the collector's young passes are rare (its records hold no
+    cycles); overlapping drains give the process its own setting back when the last ends."""
+    before = gc.get_threshold()
+    seen: list[int] = []
+    upsert = Database.upsert
+
+    def spying(self: Database, rows: list[dict[str, Any]]) -> None:
+        seen.append(gc.get_threshold()[0])
+        upsert(self, rows)
+
+    monkeypatch.setattr(Database, "upsert", spying)
+    settings = Settings(audit_url=db.settings.audit_url, spool_dir=str(tmp_path))
+    directory = Path(target_dir(settings.spool_dir, settings.audit_url, settings.table_name))
+    directory.mkdir(parents=True, mode=0o700)
+    os.chmod(tmp_path, 0o700)
+    os.close(_segment(directory / f"dead-1{SUFFIX}", [_row()]))
+    assert drain_spool(settings) == 1
+    assert seen == [max(before[0], DRAIN_GC_THRESHOLD)]
+    assert gc.get_threshold() == before
+    first, second = shipping._fewer_collections(), shipping._fewer_collections()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert gc.get_threshold()[0] == max(before[0], DRAIN_GC_THRESHOLD)
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == before

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import importlib
 import json
 import logging
+import operator
 import sqlite3
 import threading
 import time
@@ -78,17 +78,6 @@ class _Prepared:
             if name in values:
                 values[name] = process(values[name])
         return values if self.positions is None else tuple(values[k] for k in self.positions)
-
-    def values(self, row: Record) -> list[Any]:
-        """``row``'s values in the order of ``columns``, processed: one row of a COPY."""
-        values = list(map(row.__getitem__, self.columns))
-        for index, process in self._processed:
-            values[index] = process(values[index])
-        return values
-
-    @functools.cached_property
-    def _processed(self) -> tuple[tuple[int, Callable[[Any], Any]], ...]:
-        return tuple((self.columns.index(name), f) for name, f in self.processors.items())
 
 
 class SyncFailure(NamedTuple):
@@ -216,14 +205,6 @@ def upsert(table: Table, dialect: str, columns: Iterable[str]) -> Insert:
         index_elements=[table.c.publish_id],
         set_={name: stmt.excluded[name] for name in columns if name != "publish_id"},
     )
-
-
-def _copy(cur: Any, into: Any, names: Any, prepared: _Prepared, rows: list[Record]) -> None:
-    from psycopg import sql  # noqa: PLC0415 - only with PostgreSQL (the optional extra)
-
-    with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(into, names)) as copy:
-        for row in rows:
-            copy.write_row(prepared.values(row))
 
 
 def _set_excluded(columns: Iterable[str]) -> Any:
@@ -484,7 +465,6 @@ class Database:
         assert raw is not None
         with raw.transaction(), raw.cursor() as cur:
             for columns, rows in groups:
-                prepared = self._prepared.get(columns) or self._prepare(columns)
                 names = sql.SQL(", ").join(map(ident, columns))
                 # A group's rows were spooled together: all shipped before, or all new (but
                 # at its edges, or a few another shipper races us to).
@@ -492,7 +472,7 @@ class Database:
                 if cur.execute(probe, ends).fetchone() is None:
                     try:
                         with raw.transaction():  # a savepoint
-                            _copy(cur, table, names, prepared, rows)
+                            self._copy(cur, table, columns, rows)
                         continue
                     except errors.UniqueViolation:
                         pass  # rolled back to the savepoint: upsert them
@@ -503,7 +483,7 @@ class Database:
                         "ON COMMIT DELETE ROWS"
                     ).format(stage, table)
                 )
-                _copy(cur, stage, names, prepared, rows)
+                self._copy(cur, stage, columns, rows)
                 updates = _set_excluded(columns)
                 # Emptied as it is read: the next group of this transaction stages its own.
                 cur.execute(
@@ -513,6 +493,29 @@ class Database:
                         "ON CONFLICT (publish_id) DO UPDATE SET {}"
                     ).format(stage, names, table, names, names, updates)
                 )
+
+    def _copy(self, cur: Any, into: Any, columns: tuple[str, ...], rows: list[Record]) -> None:
+        """COPY ``rows`` (all with ``columns``, in that order) into ``into``: a JSON column's
+        value as its JSON text (as SQLAlchemy binds it: None is JSON ``null``), the others as
+        they are (their types checked by :func:`~.records.check_row`, or built by us)."""
+        from psycopg import sql  # noqa: PLC0415 - only with PostgreSQL (the optional extra)
+
+        names = sql.SQL(", ").join(map(sql.Identifier, columns))
+        documents = [i for i, c in enumerate(columns) if isinstance(self.table.c[c].type, JSON)]
+        values = (
+            operator.itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
+        )
+        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(into, names)) as copy:
+            write = copy.write_row
+            if not documents:
+                for row in rows:
+                    write(values(row))
+                return
+            for row in rows:
+                some = list(values(row))
+                for i in documents:
+                    some[i] = json.dumps(some[i])
+                write(some)
 
     def dispose(self) -> None:
         """Close every connection; the next call reconnects. Gives up (connections left to

@@ -107,14 +107,16 @@ class Decoded(NamedTuple):
     corrupt: str | None  # why nothing at ``used`` can be read (broken framing), if so
 
 
-def decode(chunk: bytes, check: Callable[[Any], None] | None = None) -> Decoded:
-    """The complete records at the start of ``chunk``; never raises.
+def decode(chunk: bytes, read: Callable[[bytes], Any] | None = None) -> Decoded:
+    """The complete records at the start of ``chunk``, each read by ``read`` (:func:`load`, or
+    :func:`load_row` for audit rows); never raises.
 
-    A record that is complete but does not unpickle, or that ``check`` (e.g. :func:`check_row`)
-    refuses with :class:`CorruptRecord`, is skipped (its framing is intact, so the next one can
+    A record that is complete but that ``read`` refuses with :class:`CorruptRecord` (it does
+    not unpickle, or is not an audit row) is skipped (its framing is intact, so the next one can
     still be read) and listed in ``refused``. Reading stops at an incomplete record (more bytes
     may follow, or it is a torn tail) and at a broken frame (``corrupt``).
     """
+    read = load if read is None else read
     rows: list[Record] = []
     refused: list[str] = []
     pos = 0
@@ -129,10 +131,7 @@ def decode(chunk: bytes, check: Callable[[Any], None] | None = None) -> Decoded:
         if zlib.crc32(data) != crc:
             return Decoded(rows, pos, refused, "a record whose CRC does not match")
         try:
-            record = load(data)
-            if check is not None:
-                check(record)
-            rows.append(record)
+            rows.append(read(data))
         except CorruptRecord as exc:
             refused.append(str(exc))
         pos = end
@@ -143,16 +142,39 @@ def load(data: bytes) -> Any:
     """Unpickle one record with the row-types-only unpickler, else :class:`CorruptRecord`; a
     timestamp column's microseconds (see :func:`encode`) become an aware UTC datetime again
     (records written as datetimes, by an earlier version, are read as they are)."""
+    record = _unpickle(data)
+    if type(record) is dict:
+        for name in _shape().stamps.intersection(record):
+            value = record[name]
+            if type(value) is int:
+                record[name] = _from_micros(value)
+    return record
+
+
+def load_row(data: bytes) -> Record:
+    """:func:`load` and :func:`check_row` in one, for draining (every record of a spool passes
+    here): the row's shape (its columns and the types of its values, in order) says once which
+    timestamps are framed as microseconds and which values need a further look."""
+    row = _unpickle(data)
+    stamps = _check(row, framed=True)
+    for name in stamps:
+        row[name] = _from_micros(row[name])
+    return row  # type: ignore[no-any-return]
+
+
+def _unpickle(data: bytes) -> Any:
     try:
-        record = _RowUnpickler(io.BytesIO(data)).load()
-        if type(record) is dict:
-            for name in _shape().stamps:
-                value = record.get(name)
-                if type(value) is int:
-                    record[name] = _EPOCH + _MICROSECOND * value
+        return _RowUnpickler(io.BytesIO(data)).load()
     except Exception as exc:
         raise CorruptRecord(f"not a pickled audit record ({_short(exc)})") from None
-    return record
+
+
+def _from_micros(value: int) -> datetime.datetime:
+    try:
+        return _EPOCH + _MICROSECOND * value
+    except OverflowError:
+        # Not the value: a crafted int may have more digits than str() will write.
+        raise CorruptRecord("a timestamp beyond the years a datetime holds") from None
 
 
 def _short(exc: BaseException) -> str:
@@ -170,9 +192,10 @@ _TZ_TYPES = frozenset({_NONE, datetime.timezone})
 _UTC = datetime.timezone.utc
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=_UTC)
 _MICROSECOND = datetime.timedelta(microseconds=1)
-# Row shapes (columns and value types, in order) found to be audit rows -> their columns that
-# need a further look; bounded, so a crafted file cannot grow it.
-_KNOWN: dict[tuple[tuple[str, ...], tuple[type, ...]], tuple[str, ...]] = {}
+# Row shapes (columns and value types, in order) found to be audit rows -> their timestamps
+# framed as microseconds, and their columns that need a further look; bounded, so a crafted
+# file cannot grow it.
+_KNOWN: dict[tuple[tuple[str, ...], tuple[type, ...]], tuple[tuple[str, ...], ...]] = {}
 _MAX_KNOWN = 256
 
 
@@ -180,7 +203,7 @@ class _Shape(NamedTuple):
     """What :func:`check_row` needs of the audit table, from its definition."""
 
     types: dict[str, frozenset[type]]  # column -> the types of its values (NoneType: nullable)
-    stamps: tuple[str, ...]  # DateTime columns: their tzinfo is checked too
+    stamps: frozenset[str]  # DateTime columns: their tzinfo is checked too
     documents: tuple[str, ...]  # JSON columns: their content is checked too
 
 
@@ -213,7 +236,7 @@ def _shape() -> _Shape:
         if column.nullable and not column.primary_key:
             allowed.add(_NONE)
         types[column.name] = frozenset(allowed)
-    return _Shape(types, tuple(stamps), tuple(documents))
+    return _Shape(types, frozenset(stamps), tuple(documents))
 
 
 def _json_ok(value: Any) -> bool:
@@ -250,23 +273,29 @@ def check_row(row: Any) -> None:
 
     Types only: a value the database refuses (a NUL byte, too long for its column) is the
     writer's to repair or quarantine. This keeps out what no database write could make sense
-    of, which would otherwise fail every batch it is in. Every record of a drain passes here,
-    so the shape of a row (its columns and the types of its values, in order) is checked
-    once, then only looked up; timestamps and JSON are checked in every row.
+    of, which would otherwise fail every batch it is in. Every record of a drain passes here
+    (:func:`load_row`), so the shape of a row (its columns and the types of its values, in
+    order) is checked once, then only looked up; timestamps and JSON are checked in every row.
     """
+    _check(row, framed=False)
+
+
+def _check(row: Any, *, framed: bool) -> tuple[str, ...]:
+    """:func:`check_row`; with ``framed`` (a record as :func:`encode` frames it) a timestamp
+    column may hold an int of microseconds: those columns are returned, to be converted."""
     if type(row) is not dict:
         raise CorruptRecord(f"a {type(row).__name__}, not a row")
-    if type(row.get("publish_id")) is not str or not row["publish_id"]:
-        raise CorruptRecord("a row without a publish_id")
-    if not _STR.issuperset(map(type, row)):
-        key = next(k for k in row if type(k) is not str)
-        raise CorruptRecord(f"{_shown(key)} is not a column of the audit table")
-    known = (tuple(row), tuple(map(type, row.values())))
-    further = _KNOWN.get(known)
-    if further is None:
-        further = _check_types(row)
+    shape = (tuple(row), tuple(map(type, row.values())))
+    plan = _KNOWN.get(shape)
+    if plan is None:
+        plan = _plan(row)
         if len(_KNOWN) < _MAX_KNOWN:
-            _KNOWN[known] = further
+            _KNOWN[shape] = plan
+    micros, further = plan
+    if micros and not framed:
+        raise CorruptRecord(f"column {micros[0]} cannot hold a int")
+    if not row["publish_id"]:
+        raise CorruptRecord("a row without a publish_id")
     for name in further:
         value = row[name]
         if type(value) is datetime.datetime:
@@ -274,22 +303,29 @@ def check_row(row: Any) -> None:
                 raise CorruptRecord(f"column {name} cannot hold a {type(value).__name__}")
         elif not _json_ok(value):
             raise CorruptRecord(f"column {name} cannot hold a {type(value).__name__}")
+    return micros
 
 
-def _check_types(row: Record) -> tuple[str, ...]:
-    """Raise unless each value of ``row`` has a type its column takes; return the columns
-    whose values need a further look (timestamps, JSON)."""
+def _plan(row: Record) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Raise unless each value of ``row`` has a type its column takes (a timestamp may be
+    framed as an int); return the timestamp columns holding ints, and the columns whose values
+    need a further look (datetimes, JSON)."""
+    if type(row.get("publish_id")) is not str:
+        raise CorruptRecord("a row without a publish_id")
     shape = _shape()
+    micros = []
     further = []
     for key, value in row.items():
-        allowed = shape.types.get(key)
+        allowed = shape.types.get(key) if type(key) is str else None
         if allowed is None:
             raise CorruptRecord(f"{_shown(key)} is not a column of the audit table")
-        if type(value) not in allowed:
+        if type(value) is int and key in shape.stamps:
+            micros.append(key)
+        elif type(value) not in allowed:
             raise CorruptRecord(f"column {key} cannot hold a {type(value).__name__}")
-        if value is not None and (key in shape.stamps or key in shape.documents):
+        elif value is not None and (key in shape.stamps or key in shape.documents):
             further.append(key)
-    return tuple(further)
+    return tuple(micros), tuple(further)
 
 
 def _shown(value: Any) -> str:
@@ -301,7 +337,7 @@ def _shown(value: Any) -> str:
 
 
 def scan(
-    fd: int, start: int, end: int, check: Callable[[Any], None] | None = None
+    fd: int, start: int, end: int, read: Callable[[bytes], Any] | None = None
 ) -> Generator[tuple[Decoded, int]]:
     """The records of ``fd[start:end]`` in batches (see :func:`decode`): ``(batch, offset
     after it)``.
@@ -313,7 +349,7 @@ def scan(
     """
     pos = start
     while pos < end:
-        batch = _batch(fd, pos, end, check)
+        batch = _batch(fd, pos, end, read)
         pos += batch.used
         yield batch, pos
         if not batch.used or batch.corrupt is not None:
@@ -321,7 +357,7 @@ def scan(
 
 
 def to_ship(fd: int, start: int, end: int) -> Iterator[tuple[Decoded, int]]:
-    """:func:`scan` of audit rows (:func:`check_row`), made for shipping them: the next batch
+    """:func:`scan` of audit rows (:func:`load_row`), made for shipping them: the next batch
     is decoded on a thread while the caller ships this one (the database's work and ours
     overlap), and the records of the next batch that belong to a publish of this one (its
     "sent" update, spooled a while after its row) are moved into this one, so that they are
@@ -331,7 +367,7 @@ def to_ship(fd: int, start: int, end: int) -> Iterator[tuple[Decoded, int]]:
     At most four batches are in memory; the thread is gone (``fd`` no longer read) once the
     iterator is exhausted or closed.
     """
-    batches = scan(fd, start, end, check_row)
+    batches = scan(fd, start, end, load_row)
     decoded = batches if end - start <= BATCH_BYTES else _ahead(batches)
     held: tuple[Decoded, int] | None = None
     with contextlib.closing(decoded):
@@ -387,18 +423,18 @@ def _ahead(items: Iterator[_T]) -> Generator[_T]:
         thread.join()
 
 
-def _batch(fd: int, start: int, end: int, check: Callable[[Any], None] | None) -> Decoded:
+def _batch(fd: int, start: int, end: int, read: Callable[[bytes], Any] | None) -> Decoded:
     rows: list[Record] = []
     refused: list[str] = []
     pos = start
     while True:
         chunk = os.pread(fd, min(end - pos, READ_CHUNK), pos)
-        part = decode(chunk, check)
+        part = decode(chunk, read)
         if not part.used and part.corrupt is None and len(chunk) >= HEADER.size:
             # One record bigger than a chunk (decode checked its length): read exactly it.
             length = HEADER.unpack_from(chunk)[0]
             if pos + HEADER.size + length <= end:
-                part = decode(os.pread(fd, HEADER.size + length, pos), check)
+                part = decode(os.pread(fd, HEADER.size + length, pos), read)
         rows += part.rows
         refused += part.refused
         pos += part.used

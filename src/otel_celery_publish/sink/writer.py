@@ -73,6 +73,10 @@ ADOPT_EVERY_S = 60.0
 # A sync row still in flight this long after it was sent belongs to a publish that raised (no
 # end_publish comes): the shipping thread reads its result.
 ABANDONED_S = 1.0
+# While the database is down, records waiting in memory go to the spool once this many are
+# queued, not max_pending: a crash then loses fewer (a "sent" update, mostly), and each lands
+# near its publish's row, where a drain merges the two into one write.
+OUTAGE_SPILL = 1000
 
 
 @dataclass
@@ -133,6 +137,7 @@ class AuditWriter:
         self._thread: threading.Thread | None = None
         self._breaker_until = 0.0
         self._next_adopt = 0.0
+        self._failing = False  # the last shipping attempt failed
 
     def engine(self) -> Engine:
         return self.db.engine()
@@ -258,7 +263,8 @@ class AuditWriter:
         if self._thread is None:
             self._start()
         self._queue.put(row)
-        if self._queue.qsize() > self.settings.max_pending:
+        waiting = self._queue.qsize()
+        if waiting > self.settings.max_pending or (self._failing and waiting > OUTAGE_SPILL):
             self._wake.set()
 
     def _to_spool(self, row: Record) -> None:
@@ -317,6 +323,9 @@ class AuditWriter:
                 ok = self._ship(pending, stand_down=not waiters and self._sidecar.present())
                 backoff = interval if ok else min(backoff * 2, RETRY_BACKOFF_MAX_S)
                 next_ship = time.monotonic() + backoff
+                self._failing = not ok
+            elif self._failing:
+                self._spill(pending)  # woken by OUTAGE_SPILL: the next attempt is a while off
             shipped = not pending and not self._spool.pending()
             stop = any(w.stop for w in waiters)
             if stop:  # before the waiters wake: a pool child exits right after close()
