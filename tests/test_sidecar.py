@@ -7,10 +7,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from otel_celery_publish import Settings
 from otel_celery_publish.rows import epoch_to_dt
+from otel_celery_publish.sink import sidecar as sidecar_mod
 from otel_celery_publish.sink import writer as writer_mod
 from otel_celery_publish.sink.records import encode
 from otel_celery_publish.sink.sidecar import Sidecar, SidecarProbe, running, shipper
@@ -301,6 +305,50 @@ def test_the_sidecar_rides_out_a_hung_then_a_reset_database(
     finally:
         engine.dispose()
     assert not _segments(via)
+
+
+def test_a_failing_sidecar_backs_off_and_ships_at_once_when_the_database_is_back(
+    settings: Settings,
+    proxy: TcpProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    internal_errors: list[Any],
+) -> None:
+    """While the database refuses connections, the sidecar's cycles come further and further
+    apart (the wait doubles with each failure, up to RETRY_BACKOFF_MAX_S), not every
+    --interval; once it answers, a cycle ships, and the next ones come every interval again."""
+    proxy.stop()
+    url = make_url(settings.audit_url).set(port=proxy.port).render_as_string(hide_password=False)
+    via = dataclasses.replace(settings, audit_url=url, db_timeout=0.3)
+    directory = Path(_directory(via))
+    directory.parent.mkdir(mode=0o700)
+    directory.mkdir(mode=0o700)
+    (directory / "dead-1.seg").write_bytes(encode(_row("backoff-1")))
+    cycles: list[float] = []
+    cycle = Sidecar.cycle
+
+    def counted(self: Sidecar) -> int:
+        cycles.append(time.monotonic())
+        return cycle(self)
+
+    monkeypatch.setattr(Sidecar, "cycle", counted)
+    stop = threading.Event()
+    kwargs = {"follow": True, "interval": 0.01, "stop": stop}
+    thread = threading.Thread(target=sidecar_mod.run, args=(via,), kwargs=kwargs)
+    thread.start()
+    try:
+        wait_for(lambda: len(cycles) >= 6 or None, timeout=30)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(cycles[:6])]
+        for failures, gap in enumerate(gaps, 1):
+            assert gap >= 0.01 * 2**failures, gaps
+        proxy.start()
+        assert wait_for(lambda: _count(via) == 1 or None, timeout=30)
+        shipped = len(cycles)
+        wait_for(lambda: len(cycles) >= shipped + 10 or None, timeout=5)
+    finally:
+        stop.set()
+        thread.join(30)
+    for _where, exc in internal_errors:
+        exc._ocp_expected = True  # type: ignore[attr-defined]
 
 
 def test_ship_once_ships_live_and_dead_segments(settings: Settings) -> None:

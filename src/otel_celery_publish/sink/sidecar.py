@@ -47,6 +47,8 @@ from otel_celery_publish.sink.spool import SUFFIX, finish_segment, ship_range, t
 logger = logging.getLogger("otel_celery_publish")
 
 LOCK_NAME = "shipper.lock"
+# The longest wait between two failed shipping attempts, the sidecar's and the writer's.
+RETRY_BACKOFF_MAX_S = 30.0
 Ship = Callable[[list[Record]], None]
 
 
@@ -218,11 +220,14 @@ def run(settings: Settings, *, follow: bool, interval: float, stop: threading.Ev
     """Ship the spool directory of ``settings``: one cycle, or (``follow``) one every
     ``interval`` seconds until ``stop``, standing by while another sidecar holds the lock.
     Returns the records shipped. A failed cycle (the database down) is reported and retried
-    from where it stopped; a refused record is repaired or quarantined as in the writer."""
+    from where it stopped, after a wait that doubles with each failure in a row up to
+    :data:`RETRY_BACKOFF_MAX_S` (the sidecars of every host do not hammer a struggling
+    database); a refused record is repaired or quarantined as in the writer."""
     directory = target_dir(settings.spool_dir, settings.audit_url, settings.table_name)
     ship, close = shipper(settings, directory)
     sidecar = Sidecar(directory, ship)
     total, standing_by = 0, False
+    wait = interval
     try:
         while True:
             if sidecar.acquire():
@@ -231,10 +236,16 @@ def run(settings: Settings, *, follow: bool, interval: float, stop: threading.Ev
                 standing_by = False
                 try:
                     total += sidecar.cycle()
+                    wait = interval
                 except Exception as exc:
                     if not follow:
                         raise
-                    report("audit sidecar", exc, f"shipping {directory} failed ({exc!r}); retrying")
+                    wait = min(wait * 2, max(interval, RETRY_BACKOFF_MAX_S))
+                    report(
+                        "audit sidecar",
+                        exc,
+                        f"shipping {directory} failed ({exc!r}); retrying in {wait:g} s",
+                    )
             elif not standing_by:
                 standing_by = True
                 logger.info(
@@ -242,7 +253,7 @@ def run(settings: Settings, *, follow: bool, interval: float, stop: threading.Ev
                     directory,
                     "standing by" if follow else "nothing to do",
                 )
-            if not follow or stop.wait(interval):
+            if not follow or stop.wait(wait):
                 return total
     finally:
         sidecar.release()

@@ -53,7 +53,7 @@ from otel_celery_publish.sink.process_hooks import ProcessHooks
 from otel_celery_publish.sink.quarantine import Quarantine, is_refusal, reason_of
 from otel_celery_publish.sink.records import Record
 from otel_celery_publish.sink.shipping import ship_isolating
-from otel_celery_publish.sink.sidecar import SidecarProbe
+from otel_celery_publish.sink.sidecar import RETRY_BACKOFF_MAX_S, SidecarProbe
 from otel_celery_publish.sink.spool import (
     Spool,
     SpoolFull,
@@ -66,7 +66,6 @@ logger = logging.getLogger("otel_celery_publish")
 # After a failed synchronous write, publishes skip the database for this long and go straight to
 # the spool, so a dead database costs one timeout, not one per publish.
 BREAKER_OPEN_S = 5.0
-RETRY_BACKOFF_MAX_S = 30.0
 # A fully shipped segment is deleted once it is this large (less re-shipping after a crash).
 ROTATE_AT_BYTES = 4 << 20
 ADOPT_EVERY_S = 60.0
