@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -206,18 +207,29 @@ def test_processes_share_a_spool_directory_and_adopt_the_dead(
     assert _segments(directory) == []
 
 
+@pytest.mark.parametrize("fault", ["reset", "hang"])
 def test_an_outage_moves_waiting_updates_to_the_spool_early(
-    proxy: TcpProxy, pg_url: str, pg: Engine, tmp_path: Path, internal_errors: list[Any]
+    fault: str,
+    proxy: TcpProxy,
+    pg_url: str,
+    pg: Engine,
+    tmp_path: Path,
+    internal_errors: list[Any],
 ) -> None:
     """While the database is down, the updates waiting in memory (each publish's "sent", in
     every mode) go to the spool once OUTAGE_SPILL of them wait, not max_pending: a crash then
     loses at most that many, and each lands near its row, where a drain merges the two. They
-    ship once the database is back."""
-    proxy.stop()
+    ship once the database is back. Refused connections, or a database that accepts and never
+    answers."""
+    if fault == "reset":
+        proxy.stop()
+    else:
+        proxy.hang()
     url = make_url(pg_url).set(port=proxy.port).render_as_string(hide_password=False)
     settings = Settings(audit_url=url, durability="spool", spool_dir=str(tmp_path))
-    writer = AuditWriter(dataclasses.replace(settings, flush_interval=3600, db_timeout=1.0))
-    ids = [f"outage-spill-{os.getpid()}-{i}" for i in range(OUTAGE_SPILL + 1)]
+    writer = AuditWriter(dataclasses.replace(settings, flush_interval=3600, db_timeout=0.3))
+    run = uuid.uuid4().hex[:8]
+    ids = [f"outage-spill-{run}-{i}" for i in range(OUTAGE_SPILL + 1)]
     assert len(ids) < writer.settings.max_pending
     writer.start()
     wait_for(lambda: writer._failing or None, 10, "the first shipping attempt to fail")
@@ -238,7 +250,10 @@ def test_an_outage_moves_waiting_updates_to_the_spool_early(
         return found >= set(ids) or None
 
     wait_for(spooled, 10, "the waiting updates in the spool")
-    proxy.start()
+    if fault == "reset":
+        proxy.start()
+    else:
+        proxy.heal()
     assert writer.close(10)
     assert _counts(pg, ids) == dict.fromkeys(ids, 1)
     _expect_reported(internal_errors)

@@ -102,6 +102,12 @@ class _InFlight:
 _TEXT, _BYTEA, _JSON = 0, 1, 2
 
 
+def _kind(table: Table, column: str) -> int:
+    """How ``column``'s values go to the server: _TEXT, _BYTEA or _JSON."""
+    kind = table.c[column].type
+    return _JSON if isinstance(kind, JSON) else _BYTEA if isinstance(kind, LargeBinary) else _TEXT
+
+
 @dataclass(frozen=True)
 class _Statement:
     """A sync upsert prepared on the server for libpq's own calls: name, how each value goes."""
@@ -398,11 +404,7 @@ class Database:
         raw.pgconn.send_prepare(name, text.as_bytes(raw))
         raw.wait(send(raw.pgconn))
         _results(raw)
-        types = [self.table.c[c].type for c in columns]
-        kinds = tuple(
-            _JSON if isinstance(t, JSON) else _BYTEA if isinstance(t, LargeBinary) else _TEXT
-            for t in types
-        )
+        kinds = tuple(_kind(self.table, c) for c in columns)
         formats = tuple(int(kind == _BYTEA) for kind in kinds)
         statement = _Statement(name, columns, kinds, formats)
         self._statements_on[columns] = statement
@@ -501,7 +503,7 @@ class Database:
         from psycopg import sql  # noqa: PLC0415 - only with PostgreSQL (the optional extra)
 
         names = sql.SQL(", ").join(map(sql.Identifier, columns))
-        documents = [i for i, c in enumerate(columns) if isinstance(self.table.c[c].type, JSON)]
+        documents = [i for i, c in enumerate(columns) if _kind(self.table, c) == _JSON]
         values = (
             operator.itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
         )
