@@ -37,6 +37,11 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         [],
         ["--n", "300", "--rounds", "2", "--warmup", "50"],
     ),
+    "publish_breakdown": (
+        "publish_breakdown.py",
+        [],
+        ["--n", "1000", "--rounds", "2", "--warmup", "100"],
+    ),
     "worker_throughput": (
         "worker_throughput.py",
         [],

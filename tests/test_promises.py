@@ -30,13 +30,14 @@ from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import SpanKind, TraceState, format_span_id, format_trace_id
+from opentelemetry.trace import SpanKind, StatusCode, TraceState, format_span_id, format_trace_id
 from sqlalchemy import create_engine, inspect, text
 
 from otel_celery_publish import CeleryPublishInstrumentor, audit, rows
 from otel_celery_publish import headers as hdr
 from otel_celery_publish import instrumentor as instrumentor_mod
 from otel_celery_publish.config import Settings, default_spool_dir
+from otel_celery_publish.hooks import publish as publish_mod
 from otel_celery_publish.schema.table import audit_table
 from otel_celery_publish.sink import writer as writer_mod
 from otel_celery_publish.sink.database import Database
@@ -273,6 +274,29 @@ def test_a_publish_the_broker_refused_leaves_its_row_not_sent(
     assert publisher.instrumentor.writer.flush(10)
     [row_] = audit_rows(pg, task_id)
     assert row_["payload"] is not None and row_["sent_at"] is None
+
+
+def test_the_span_of_a_publish_that_raised_is_ended_as_an_error_by_a_later_publish(
+    publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """after_task_publish never comes for a publish that raised: its producer span (whose
+    traceparent may be in a message) is ended as an error by a later publish's sweep, once it
+    has waited ABANDONED_AFTER_S, not left open."""
+    monkeypatch.setattr(publish_mod, "ABANDONED_AFTER_S", 0.0)
+    monkeypatch.setattr(publish_mod, "SWEEP_EVERY_S", 0.0)
+    down = Celery("ocp_broker_down_sweep", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    down.conf.broker_connection_retry = False
+    first, second = (f"sweep-{uuid.uuid4()}" for _ in range(2))
+    try:
+        for task_id in (first, second):
+            with pytest.raises(kombu.exceptions.OperationalError):
+                down.send_task("tests.add", args=(1, 2), task_id=task_id, retry=False)
+    finally:
+        down.close()
+    ended = {s.attributes["messaging.message.id"]: s for s in publisher.spans("send tests.add")}
+    assert set(ended) & {first, second} == {first}, "only the earlier span is swept"
+    assert ended[first].status.status_code is StatusCode.ERROR
+    assert ended[first].status.description == "publish did not complete"
 
 
 def test_official_instrumentation_is_kept_off_with_one_warning(

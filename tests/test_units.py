@@ -5,8 +5,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import datetime as dt
+import decimal
 import json
 import logging
+import uuid
 from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,6 +217,26 @@ def test_encode_payload_roundtrips_through_kombu() -> None:
     assert isinstance(data, bytes)
     assert content_type == "application/json"
     assert serialization.loads(data, content_type, encoding) == body  # type: ignore[no-untyped-call]
+
+
+def test_encode_payload_writes_what_kombu_writes_and_honours_a_replaced_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The json payload is kombu's own text, its types included (datetime, UUID, Decimal,
+    bytes); a json encoder the application registered instead is the one used."""
+    body = [
+        [dt.datetime(2030, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone.utc), uuid.UUID(int=7)],
+        {"amount": decimal.Decimal("19.99"), "blob": b"\xff\x00", "name": "é"},
+        {},
+    ]
+    data, *_ = rows.encode_payload(body, "json", 10_000)
+    _, _, expected = serialization.dumps(body, serializer="json")  # type: ignore[no-untyped-call]
+    assert data == expected.encode()
+    custom = serialization.registry._encoders["json"]
+    monkeypatch.setitem(
+        serialization.registry._encoders, "json", custom._replace(encoder=lambda b: "[42]")
+    )
+    assert rows.encode_payload(body, "json", 10_000)[0] == b"[42]"
 
 
 def test_encode_payload_unserializable_returns_error() -> None:

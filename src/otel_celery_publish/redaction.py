@@ -10,6 +10,8 @@ from typing import Any
 
 REDACTED = "***"
 _MAX_DEPTH = 8
+# Nothing to look into (most arguments): no ABC checks for them.
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 
 
 def is_sensitive(name: str, keys: frozenset[str]) -> bool:
@@ -78,7 +80,7 @@ def redact(value: Any, keys: frozenset[str], _depth: int = 0) -> tuple[Any, bool
     a tuple (namedtuples included) comes back as a plain tuple. Containers nested deeper than we
     look are masked whole rather than passed through unread.
     """
-    if not keys:
+    if not keys or type(value) in _SCALARS:
         return value, False
     if _depth > _MAX_DEPTH:
         return (REDACTED, True) if isinstance(value, (Mapping, list, tuple)) else (value, False)

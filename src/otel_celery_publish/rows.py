@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from celery.utils.saferepr import saferepr
 from kombu import serialization
+from kombu.utils import json as kombu_json
 from typing_extensions import NotRequired
 
 from otel_celery_publish import headers as hdr
@@ -242,9 +243,7 @@ def encode_payload(
 ) -> tuple[bytes | None, str | None, str | None, str | None]:
     """Serialize the body as the message will be: ``(data, content_type, encoding, error)``."""
     try:
-        content_type, encoding, data = serialization.dumps(  # type: ignore[no-untyped-call]
-            body, serializer=serializer
-        )
+        content_type, encoding, data = _dumps(body, serializer)
     except Exception as exc:
         # The publish itself will raise the same error to the host; the row keeps the reason.
         return None, None, None, f"payload not serializable with {serializer!r}: {exc!r}"
@@ -259,17 +258,30 @@ def encode_payload(
     return raw, content_type, encoding, None
 
 
+_JSON = kombu_json.JSONEncoder()
+
+
+def _dumps(body: Any, serializer: str) -> tuple[str, str, str | bytes]:
+    """``kombu.serialization.dumps``, with kombu's own ``json`` (unless replaced) through one
+    encoder object: the same text, in half the time (kombu builds an encoder per call)."""
+    codec = serialization.registry._encoders.get(serializer) if serializer == "json" else None
+    if codec is not None and codec.encoder is kombu_json.dumps:
+        return codec.content_type, codec.content_encoding, _JSON.encode(body)
+    return serialization.dumps(body, serializer=serializer)  # type: ignore[no-untyped-call,no-any-return]
+
+
 def custom_headers(
     headers: Mapping[str, Any], exclude: Iterable[str], keys: frozenset[str] = frozenset()
 ) -> tuple[dict[str, Any], bool]:
     """The headers the user added (``apply_async(headers=...)``), for a faithful re-send, with
     sensitive names masked as :func:`redact` does (an ``Authorization`` header, a nested
     ``token``); and whether anything was masked."""
-    skip = CELERY_HEADERS.union(exclude)
+    names = headers.keys() - CELERY_HEADERS  # in C: most publishes have none of the user's
+    names.difference_update(exclude)
     found: dict[str, Any] = {}
     hit = False
-    for name, raw in headers.items():
-        if name in skip:
+    for name, raw in headers.items() if names else ():
+        if name not in names:
             continue
         value, masked = storable(raw), False
         if keys and isinstance(name, str) and is_sensitive(name, keys):

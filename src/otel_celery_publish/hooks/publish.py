@@ -28,6 +28,7 @@ from otel_celery_publish.sink.writer import AuditWriter
 # A publish whose after_task_publish has not come within this long raised (broker down, bad
 # payload): its span is ended as an error and its row stays visibly not-sent.
 ABANDONED_AFTER_S = 300.0
+SWEEP_EVERY_S = 1.0  # looked for at most this often, not on every publish
 MAX_OPEN_PUBLISHES = 10_000
 
 
@@ -61,6 +62,7 @@ class PublishHooks:
         self._policy = rows.RowPolicy.from_settings(settings)
         self._open: BoundedStore[_Open] = BoundedStore(MAX_OPEN_PUBLISHES, _end_abandoned)
         self._host = socket.gethostname()
+        self._next_sweep = 0.0
 
     def before_publish(
         self,
@@ -153,7 +155,11 @@ class PublishHooks:
         self._writer.begin_publish(row)  # after_task_publish ends it
 
     def _sweep_abandoned(self) -> None:
-        cutoff = time.monotonic() - ABANDONED_AFTER_S
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_EVERY_S
+        cutoff = now - ABANDONED_AFTER_S
         for publish_id, stale in self._open.pop_older(lambda s: s.started < cutoff):
             _end_abandoned(publish_id, stale)
 
