@@ -618,6 +618,32 @@ def test_the_admin_lists_filters_searches_and_shows_a_task(project: DjangoProjec
     assert columns["columns"] == sorted(audit_table(project.table).c.keys())
 
 
+def test_the_admin_lost_filter_searches_within_the_queue_filter(project: DjangoProject) -> None:
+    """Behind more lost tasks of another queue than the lost filter lists (LOST_LIMIT, 1000),
+    a queue's own lost task is still found: the queue filter narrows audit.lost's search, it
+    is not applied to the oldest thousand of every queue."""
+    table = audit_table(project.table)
+    crowd = [
+        row(task_id=f"dj-crowd-{uuid.uuid4()}", queue="crowded", published_at=ago(60),
+            sent_at=ago(60))
+        for _ in range(1000)
+    ]  # fmt: skip
+    with project.engine.begin() as conn:
+        conn.execute(insert(table), [{c.name: r.get(c.name) for c in table.columns} for r in crowd])
+    rare = project.seed(
+        task_id=f"dj-rare-{uuid.uuid4()}", queue="rare", published_at=ago(30), sent_at=ago(30)
+    )
+    crowded, rare_page = _admin(
+        project,
+        {"path": f"{CHANGELIST}?lost=any"},
+        {"path": f"{CHANGELIST}?queue=rare&lost=any"},
+    )
+    assert crowded["status"] == rare_page["status"] == 200
+    assert rare["task_id"] not in crowded["html"] and "Only the oldest 1000" in crowded["html"]
+    assert rare["task_id"] in rare_page["html"]
+    assert "lost: sent, never received" in rare_page["html"]
+
+
 def test_the_admin_replay_action_replays_a_lost_task_and_records_the_user(
     project: DjangoProject,
 ) -> None:

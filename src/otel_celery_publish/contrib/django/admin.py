@@ -151,10 +151,14 @@ class LostFilter(admin.SimpleListFilter):
         if not value:
             return queryset
         try:
+            # The queue and task-name filters narrow the search itself: applied to the oldest
+            # LOST_LIMIT of every queue, they would miss a queue's lost tasks behind others'.
             found = api.lost(
                 settings=current_settings(),
                 older_than=LOST_OLDER_THAN,
                 since=LOST_SINCE,
+                task=request.GET.get(TaskNameFilter.parameter_name) or None,
+                queue=request.GET.get(QueueFilter.parameter_name) or None,
                 limit=LOST_LIMIT,
             )
         except api.AuditError as exc:
