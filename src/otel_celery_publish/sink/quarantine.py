@@ -30,6 +30,7 @@ from sqlalchemy import JSON, String, Table
 from sqlalchemy import exc as sa_exc
 
 from otel_celery_publish import headers as hdr
+from otel_celery_publish._guard import report
 from otel_celery_publish.config import Settings
 from otel_celery_publish.sink.directories import file_problem, open_dir
 from otel_celery_publish.sink.records import Record, decode, encode
@@ -158,6 +159,17 @@ class Quarantine:
         self.directory = os.path.join(directory, SUBDIR)
         self._count = count
         self._lock = threading.Lock()
+
+    def refuse(self, row: Record, exc: BaseException) -> None:
+        """A record the database refused even repaired: :meth:`put` here, reported (raises as
+        :meth:`put` does: the record then stays where it is and is retried)."""
+        path = self.put(row, exc)
+        report(
+            "audit record quarantined",
+            exc,
+            f"the audit database refused record {row.get('publish_id')} (task "
+            f"{row.get('task_id')}): {reason_of(exc)}; kept in {path} (see celery audit drain)",
+        )
 
     def put(self, row: Record, exc: BaseException) -> str:
         """Append ``row`` with the reason ``exc`` gives, durably; return the file's path.

@@ -105,14 +105,8 @@ def drain_spool(settings: Settings) -> int:
 
     def quarantine(row: Record, exc: BaseException) -> None:
         nonlocal refused
-        path = store.put(row, exc)
+        store.refuse(row, exc)
         refused += 1
-        report(
-            "audit record quarantined",
-            exc,
-            f"the audit database refused record {row.get('publish_id')} (task "
-            f"{row.get('task_id')}): {reason_of(exc)}; kept in {path}",
-        )
 
     store = Quarantine(directory, counter.add)
     try:

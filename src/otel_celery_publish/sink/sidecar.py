@@ -39,7 +39,7 @@ from otel_celery_publish.schema.table import audit_table
 from otel_celery_publish.sink.database import Database
 from otel_celery_publish.sink.directories import SpoolRefused, file_problem, open_dir
 from otel_celery_publish.sink.instruments import instruments
-from otel_celery_publish.sink.quarantine import Quarantine, reason_of
+from otel_celery_publish.sink.quarantine import Quarantine
 from otel_celery_publish.sink.records import Record
 from otel_celery_publish.sink.shipping import ship_isolating
 from otel_celery_publish.sink.spool import SUFFIX, finish_segment, ship_range, target_dir
@@ -203,17 +203,7 @@ def shipper(settings: Settings, directory: str) -> tuple[Ship, Callable[[], None
     store = Quarantine(
         directory, instruments(metrics.get_meter("otel_celery_publish")).quarantined.add
     )
-
-    def refused(row: Record, exc: BaseException) -> None:
-        path = store.put(row, exc)
-        report(
-            "audit record quarantined",
-            exc,
-            f"the audit database refused record {row.get('publish_id')} (task "
-            f"{row.get('task_id')}): {reason_of(exc)}; kept in {path}",
-        )
-
-    return (lambda rows: ship_isolating(db.upsert, rows, table, refused)), db.dispose
+    return (lambda rows: ship_isolating(db.upsert, rows, table, store.refuse)), db.dispose
 
 
 def run(settings: Settings, *, follow: bool, interval: float, stop: threading.Event) -> int:

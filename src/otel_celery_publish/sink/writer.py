@@ -50,7 +50,7 @@ from otel_celery_publish.sink.database import Database, preload_driver
 from otel_celery_publish.sink.directories import SpoolRefused
 from otel_celery_publish.sink.instruments import instruments
 from otel_celery_publish.sink.process_hooks import ProcessHooks
-from otel_celery_publish.sink.quarantine import Quarantine, is_refusal, reason_of
+from otel_celery_publish.sink.quarantine import Quarantine, is_refusal
 from otel_celery_publish.sink.records import Record
 from otel_celery_publish.sink.shipping import ship_isolating
 from otel_celery_publish.sink.sidecar import RETRY_BACKOFF_MAX_S, SidecarProbe
@@ -210,7 +210,7 @@ class AuditWriter:
                     lambda rows: self.db.insert_now(rows[0], deadline),
                     [row],
                     self.table,
-                    self._refused,
+                    self._quarantine.refuse,
                     error=exc,
                 )
                 return True
@@ -224,17 +224,6 @@ class AuditWriter:
             f"{self.spool_dir} and are shipped when it is back",
         )
         return False
-
-    def _refused(self, row: Record, exc: BaseException) -> None:
-        """A record refused even repaired: to the quarantine file (raises if the disk refuses
-        it too: then it stays where it is and is retried), counted and reported."""
-        path = self._quarantine.put(row, exc)
-        report(
-            "audit record quarantined",
-            exc,
-            f"the audit database refused record {row.get('publish_id')} (task "
-            f"{row.get('task_id')}): {reason_of(exc)}; kept in {path} (see celery audit drain)",
-        )
 
     def record_update(self, update: Update, *, best_effort: bool = False) -> None:
         """A lifecycle update (a partial row holding ``publish_id``) for the batched upsert: to
@@ -375,7 +364,7 @@ class AuditWriter:
             return False
 
     def _write(self, rows: list[Record]) -> None:
-        ship_isolating(self.db.upsert, rows, self.table, self._refused)
+        ship_isolating(self.db.upsert, rows, self.table, self._quarantine.refuse)
 
     def _spill(self, pending: dict[str, Record]) -> None:
         for publish_id in list(pending):
