@@ -82,6 +82,7 @@ OFFICIAL_STAGES: dict[str, list[tuple[Any, str]]] = {
     ],
     "span": OUR_STAGES["span"],
 }
+STAGES = {"otel-official": OFFICIAL_STAGES, "plugin-spool": OUR_STAGES}
 
 
 @contextlib.contextmanager
@@ -180,13 +181,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rng.shuffle(order)
             result: dict[str, Any] = {"round": number, "order": order}
             for mode in order:
-                stages = {"otel-official": OFFICIAL_STAGES, "plugin-spool": OUR_STAGES}.get(
-                    mode, {}
-                )
                 total = block(mode, one, provider, tmp, args)
                 spent: collections.Counter[str] = collections.Counter()
                 # Installed before instrumenting: the signals hold the functions they were given.
-                with timed(stages, spent):
+                with timed(STAGES.get(mode, {}), spent):
                     timed_total = block(mode, one, provider, tmp, args)
                 result[mode] = {
                     "us": total,
@@ -247,8 +245,8 @@ def summarize(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ours, theirs = "plugin-spool", "otel-official"
     table: dict[str, dict[str, float]] = {}
     for mode in (theirs, ours):
-        hooks, timed = med(mode, "hooks"), added(mode, "timed_us")
-        row = {"added": added(mode, "us"), "hooks": hooks, "outside hooks": timed - hooks}
+        hooks, with_timers = med(mode, "hooks"), added(mode, "timed_us")
+        row = {"added": added(mode, "us"), "hooks": hooks, "outside hooks": with_timers - hooks}
         if mode == ours:
             parts = {s: med(mode, s) for s in ("span", "inject", "row", "record")}
             row |= parts | {"other": hooks - sum(parts.values())}
@@ -278,6 +276,10 @@ def report(summary: dict[str, Any]) -> None:
         cells = (summary["stages_us"][m].get(stage) for m in summary["stages_us"])
         print(f"{stage:<16}" + "".join("" if c is None else f"{c:>15.1f}" for c in cells))
     print()
+    print_ratios(summary)
+
+
+def print_ratios(summary: dict[str, Any]) -> None:
     for name, value in summary["ratios"].items():
         print(f"plugin-spool {name}: {value:.2f}")
 
@@ -301,8 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         child(args)
     if args.instructions:
         summary = instructions(args)
-        for name, value in summary["ratios"].items():
-            print(f"plugin-spool {name}: {value:.2f}")
+        print_ratios(summary)
     else:
         summary = run(args)
         report(summary)
